@@ -1,0 +1,32 @@
+"""Everything that lets megatron-core 0.16.1 run on a CPU box lives in this package, and only here.
+
+`install()` is idempotent and is called by the process entry points (training, tests, tools) before
+any model is built. On a CUDA machine with the GPU kernels installed it changes nothing.
+
+- `cpu`: megatron's model-parallel RNG tracker and its hard-coded `cuda` device calls (no CUDA only).
+- `mamba`: pure-PyTorch Mamba-2 kernels with mamba-ssm's semantics, patched into megatron's mixer,
+  plus the local (non-Transformer-Engine) norm for MambaStack (whenever mamba-ssm is missing).
+"""
+
+from __future__ import annotations
+
+import torch
+
+_INSTALLED = False
+
+
+def cuda_available() -> bool:
+    return torch.cuda.is_available()
+
+
+def install() -> None:
+    """Apply the shims this machine needs. Safe to call many times."""
+    global _INSTALLED
+    if _INSTALLED:
+        return
+    from . import cpu, mamba
+
+    if not cuda_available():
+        cpu.install()
+    mamba.install()
+    _INSTALLED = True

@@ -1,0 +1,294 @@
+"""One typed config tree for every command: OmegaConf structured configs from YAML plus dotted overrides.
+
+    cfg = load_config("configs/tiny.yaml", ["train.lr=1e-3", "parallel.tensor=2"])
+
+Every field is documented where it is declared. `load_config` rejects unknown keys, wrong types
+and invalid values with a one-line `ConfigError` that names the key and what is allowed. The
+defaults of the tree *are* the embedded tiny model, so `load_config(None)` is a runnable run.
+Cross-field checks that need the world size (TP x PP x DP) live in `parallel.ParallelLayout`.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+class ConfigError(ValueError):
+    """A bad config value. The message is one line: the key, the problem, what to change."""
+
+
+@dataclass
+class ModelConfig:
+    """The hybrid Mamba-Attention parent (Nemotron-H family). Defaults: the tiny CPU demo model."""
+
+    # Layer pattern, one char per layer: M = Mamba-2 mixer, * = attention (GQA), - = MLP.
+    hybrid_override_pattern: str = "M-M*-M-M*-"
+    hidden_size: int = 192  # residual stream width d_e
+    ffn_hidden_size: int = 768  # MLP intermediate width (squared ReLU, no gate, no bias)
+    num_attention_heads: int = 8  # query heads per attention layer
+    num_query_groups: int = 4  # KV heads (GQA groups); must divide num_attention_heads
+    kv_channels: int = 24  # head dim of attention
+    mamba_num_heads: int = 16  # Mamba-2 heads
+    mamba_head_dim: int = 24  # channels per Mamba head; d_inner = heads * head_dim
+    mamba_num_groups: int = 4  # B/C groups; must divide mamba_num_heads
+    mamba_state_dim: int = 16  # SSM state size d_s
+    vocab_size: int = 0  # 0 = take it from the tokenizer (padded to make_vocab_size_divisible_by)
+    make_vocab_size_divisible_by: int = 8  # pad the vocab so every TP shard is equal
+    norm_epsilon: float = 1e-5  # RMSNorm eps
+    init_method_std: float = 0.02  # std of normal weight init
+    max_sequence_length: int = 4096  # longest sequence the model will see (no position embedding)
+    # Layer implementations: auto (Transformer Engine when CUDA and TE are usable, else local),
+    # local (megatron's own layers; runs on CPU), te (Transformer Engine; GPU only).
+    backend: str = "auto"
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.hybrid_override_pattern)
+
+
+@dataclass
+class ParallelConfig:
+    """How the run is split over processes: TP x PP x DP must equal the world size."""
+
+    tensor: int = 1  # tensor-parallel size (splits heads, FFN and vocab)
+    pipeline: int = 1  # pipeline-parallel size (splits the layer pattern)
+    data: int = 0  # data-parallel size; 0 = world_size / (tensor * pipeline)
+    context: int = 1  # context parallel: not supported yet, must be 1
+    expert: int = 1  # expert parallel: not supported (no MoE), must be 1
+    # Uneven pipeline split: layers on the first / last stage (None = split evenly).
+    layers_in_first_stage: Optional[int] = None
+    layers_in_last_stage: Optional[int] = None
+    distributed_optimizer: bool = False  # shard optimizer state over DP ranks (megatron ZeRO-1)
+    backend: str = "auto"  # torch.distributed backend: auto (nccl with CUDA, else gloo), nccl, gloo
+
+
+@dataclass
+class DataConfig:
+    """Where tokens come from."""
+
+    source: str = "synthetic"  # synthetic (embedded reasoning corpus) or indexed (.bin/.idx)
+    tokenizer: str = "char"  # char (built-in) or a Hugging Face tokenizer name/path
+    seq_length: int = 128  # tokens per training sample
+    # synthetic: problem difficulty, as the number of written-out steps per problem
+    min_steps: int = 2
+    max_steps: int = 4
+    # indexed: megatron data prefixes (path without .bin/.idx), optionally weighted: ["0.7", "a", "0.3", "b"]
+    paths: list[str] = field(default_factory=list)
+    split: str = "98,1,1"  # train,valid,test split of indexed documents
+    num_workers: int = 0  # DataLoader workers
+
+
+@dataclass
+class TrainConfig:
+    """The optimisation loop."""
+
+    steps: int = 200  # optimizer steps
+    micro_batch_size: int = 8  # sequences per micro-batch per DP rank
+    global_batch_size: int = 16  # sequences per optimizer step; a multiple of micro * DP
+    lr: float = 3e-3  # peak learning rate
+    min_lr: float = 3e-4  # floor of the cosine decay
+    warmup_steps: int = 20  # linear warmup steps
+    weight_decay: float = 0.1
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    clip_grad: float = 1.0  # global grad-norm clip; 0 disables
+    seed: int = 1234  # model init, data order and dropout all derive from it
+    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU), fp32, bf16
+    eval_interval: int = 50  # steps between held-out evaluations; 0 disables
+    eval_batches: int = 4  # micro-batches per held-out evaluation
+
+
+@dataclass
+class CheckpointConfig:
+    """megatron dist_checkpointing checkpoints."""
+
+    dir: str = ""  # where checkpoints go; empty = <logging.out_dir>/checkpoints
+    save_interval: int = 0  # steps between saves; 0 = only at the end
+    resume: bool = True  # continue from the newest checkpoint in dir if there is one
+    load: str = ""  # start from these weights (a checkpoint dir) instead of random init
+
+
+@dataclass
+class LoggingConfig:
+    """Where metrics go."""
+
+    out_dir: str = "runs/tiny"  # run directory: metrics.jsonl, config.yaml, checkpoints
+    log_interval: int = 1  # steps between metric records
+    progress: bool = True  # tqdm progress bar on rank 0
+    wandb_mode: str = "offline"  # offline (default, no network), online, disabled
+    wandb_project: str = "elastic-megatron"
+    wandb_run_name: str = ""  # empty = the out_dir's name
+
+
+@dataclass
+class RunConfig:
+    """The whole tree."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+
+# --------------------------------------------------------------------------- loading
+
+_CHOICES = {
+    "data.source": ("synthetic", "indexed"),
+    "model.backend": ("auto", "local", "te"),
+    "train.precision": ("auto", "fp32", "bf16"),
+    "parallel.backend": ("auto", "nccl", "gloo"),
+    "logging.wandb_mode": ("offline", "online", "disabled"),
+}
+
+
+def _fail(key: str, msg: str) -> None:
+    raise ConfigError(f"config key '{key}': {msg}")
+
+
+def _one_line(exc: OmegaConfBaseException) -> str:
+    key = getattr(exc, "full_key", None) or "?"
+    msg = str(exc).splitlines()[0]
+    if "Key '" in msg and "not in" in msg:
+        parent = key.rsplit(".", 1)[0] if "." in key else ""
+        node = _node_at(parent)
+        allowed = ", ".join(f.name for f in fields(node)) if node else ""
+        return f"config key '{key}': unknown key; allowed keys here: {allowed}"
+    return f"config key '{key}': {msg}"
+
+
+def _node_at(path: str):
+    node: Any = RunConfig
+    for part in filter(None, path.split(".")):
+        sub = {f.name: f for f in fields(node)}.get(part)
+        if sub is None:
+            return None
+        node = sub.default_factory() if sub.default_factory is not None else None  # type: ignore[misc]
+        node = type(node) if is_dataclass(node) else None
+        if node is None:
+            return None
+    return node
+
+
+def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = None) -> RunConfig:
+    """YAML (or preset name) + dotted `key=value` overrides -> a validated RunConfig."""
+    base = OmegaConf.structured(RunConfig)
+    try:
+        if path:
+            base = OmegaConf.merge(base, OmegaConf.load(resolve_config_path(path)))
+        for item in overrides or []:
+            if "=" not in item:
+                raise ConfigError(f"override '{item}': expected key=value, e.g. train.lr=1e-3")
+            base = OmegaConf.merge(base, OmegaConf.from_dotlist([item]))
+        cfg: RunConfig = OmegaConf.to_object(base)  # type: ignore[assignment]
+    except OmegaConfBaseException as exc:
+        raise ConfigError(_one_line(exc)) from None
+    validate(cfg)
+    return cfg
+
+
+def resolve_config_path(path: str) -> Path:
+    """A YAML path, or the name of a preset in configs/ ("tiny", "nemotron_nano_12b_v2")."""
+    p = Path(path)
+    if p.exists():
+        return p
+    preset = CONFIG_DIR / f"{path}.yaml"
+    if preset.exists():
+        return preset
+    names = sorted(q.stem for q in CONFIG_DIR.glob("*.yaml")) if CONFIG_DIR.exists() else []
+    raise ConfigError(f"config file '{path}' not found; presets: {', '.join(names)}")
+
+
+def to_yaml(cfg: RunConfig) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def to_dict(cfg: Any) -> dict:
+    return OmegaConf.to_container(OmegaConf.structured(cfg))  # type: ignore[return-value]
+
+
+def validate(cfg: RunConfig) -> None:
+    """Value checks that do not depend on the world size. Raises ConfigError."""
+    for key, allowed in _CHOICES.items():
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if value not in allowed:
+            _fail(key, f"'{value}' is not one of {', '.join(allowed)}")
+    m = cfg.model
+    if not m.hybrid_override_pattern or not re.fullmatch(r"[M*\-]+", m.hybrid_override_pattern):
+        _fail("model.hybrid_override_pattern",
+              f"'{m.hybrid_override_pattern}' must be a non-empty string of M (Mamba), * (attention), - (MLP)")
+    for name in ("hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups", "kv_channels",
+                 "mamba_num_heads", "mamba_head_dim", "mamba_num_groups", "mamba_state_dim",
+                 "make_vocab_size_divisible_by", "max_sequence_length"):
+        if getattr(m, name) <= 0:
+            _fail(f"model.{name}", f"must be > 0, got {getattr(m, name)}")
+    if m.vocab_size < 0:
+        _fail("model.vocab_size", f"must be >= 0 (0 = from the tokenizer), got {m.vocab_size}")
+    if m.num_attention_heads % m.num_query_groups:
+        _fail("model.num_query_groups",
+              f"{m.num_query_groups} must divide model.num_attention_heads ({m.num_attention_heads})")
+    if m.mamba_num_heads % m.mamba_num_groups:
+        _fail("model.mamba_num_groups",
+              f"{m.mamba_num_groups} must divide model.mamba_num_heads ({m.mamba_num_heads})")
+    if not 0 < m.norm_epsilon < 1:
+        _fail("model.norm_epsilon", f"must be in (0, 1), got {m.norm_epsilon}")
+    if m.init_method_std <= 0:
+        _fail("model.init_method_std", f"must be > 0, got {m.init_method_std}")
+
+    p = cfg.parallel
+    for name in ("tensor", "pipeline", "context", "expert"):
+        if getattr(p, name) < 1:
+            _fail(f"parallel.{name}", f"must be >= 1, got {getattr(p, name)}")
+    if p.data < 0:
+        _fail("parallel.data", f"must be >= 0 (0 = derive from the world size), got {p.data}")
+    if p.context != 1:
+        _fail("parallel.context", f"context parallelism is not supported yet; set it to 1 (got {p.context})")
+    if p.expert != 1:
+        _fail("parallel.expert", f"expert parallelism needs MoE layers, which this model has none of; set it to 1")
+
+    d = cfg.data
+    if d.seq_length <= 1:
+        _fail("data.seq_length", f"must be > 1, got {d.seq_length}")
+    if d.seq_length > m.max_sequence_length:
+        _fail("data.seq_length", f"{d.seq_length} exceeds model.max_sequence_length ({m.max_sequence_length})")
+    if not 1 <= d.min_steps <= d.max_steps:
+        _fail("data.min_steps", f"need 1 <= min_steps <= max_steps, got {d.min_steps} and {d.max_steps}")
+    if d.source == "indexed" and not d.paths:
+        _fail("data.paths", "data.source=indexed needs at least one .bin/.idx prefix in data.paths")
+    if not re.fullmatch(r"\d+(\.\d+)?,\d+(\.\d+)?,\d+(\.\d+)?", d.split):
+        _fail("data.split", f"'{d.split}' must be three comma-separated weights, e.g. 98,1,1")
+
+    t = cfg.train
+    for name in ("steps", "micro_batch_size", "global_batch_size"):
+        if getattr(t, name) <= 0:
+            _fail(f"train.{name}", f"must be > 0, got {getattr(t, name)}")
+    if t.global_batch_size % t.micro_batch_size:
+        _fail("train.global_batch_size",
+              f"{t.global_batch_size} must be a multiple of train.micro_batch_size ({t.micro_batch_size})")
+    if t.lr <= 0 or t.min_lr < 0 or t.min_lr > t.lr:
+        _fail("train.min_lr", f"need 0 <= min_lr <= lr and lr > 0, got lr={t.lr}, min_lr={t.min_lr}")
+    if t.warmup_steps < 0:
+        _fail("train.warmup_steps", f"must be >= 0, got {t.warmup_steps}")
+    if not (0 <= t.adam_beta1 < 1 and 0 <= t.adam_beta2 < 1):
+        _fail("train.adam_beta1", f"Adam betas must be in [0, 1), got {t.adam_beta1}, {t.adam_beta2}")
+    if t.clip_grad < 0:
+        _fail("train.clip_grad", f"must be >= 0 (0 disables), got {t.clip_grad}")
+    if t.eval_interval < 0 or t.eval_batches < 0:
+        _fail("train.eval_interval", "eval_interval and eval_batches must be >= 0")
+
+    if cfg.checkpoint.save_interval < 0:
+        _fail("checkpoint.save_interval", f"must be >= 0, got {cfg.checkpoint.save_interval}")
+    if cfg.logging.log_interval <= 0:
+        _fail("logging.log_interval", f"must be > 0, got {cfg.logging.log_interval}")
+    if not cfg.logging.out_dir:
+        _fail("logging.out_dir", "must not be empty")

@@ -1,0 +1,100 @@
+"""Layer specs for the hybrid Mamba-Attention stack, one per backend.
+
+megatron-core builds MambaModel from a `ModuleSpec` tree that names the class of every sub-module.
+0.16.1 ships only a Transformer Engine spec (`mamba_stack_spec`, norms fused into TE linears).
+`local_stack_spec` is the same structure from megatron's own layers — separate RMSNorm modules,
+`ColumnParallelLinear` / `RowParallelLinear`, `DotProductAttention` — so it runs anywhere,
+including CPU. The two are numerically the same model; their parameter names differ only where
+TE fuses the pre-norm into the following linear (`layer_norm_weight`).
+"""
+
+from __future__ import annotations
+
+from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
+from megatron.core.ssm.mamba_block import MambaStack, MambaStackSubmodules
+from megatron.core.ssm.mamba_layer import MambaLayer, MambaLayerSubmodules
+from megatron.core.ssm.mamba_mixer import MambaMixer, MambaMixerSubmodules
+from megatron.core.ssm.mlp_layer import MLPLayer
+from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
+from megatron.core.transformer.dot_product_attention import DotProductAttention
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.mlp import MLP, MLPSubmodules
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.torch_norm import WrappedTorchNorm
+from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
+
+BACKENDS = ("local", "te")
+
+
+def local_stack_spec() -> ModuleSpec:
+    """MambaStack from megatron's local (non-TE) layers. Norms are separate pre-norm modules."""
+    return ModuleSpec(
+        module=MambaStack,
+        submodules=MambaStackSubmodules(
+            mamba_layer=ModuleSpec(
+                module=MambaLayer,
+                submodules=MambaLayerSubmodules(
+                    norm=WrappedTorchNorm,
+                    mixer=ModuleSpec(
+                        module=MambaMixer,
+                        submodules=MambaMixerSubmodules(
+                            in_proj=ColumnParallelLinear, out_proj=RowParallelLinear
+                        ),
+                    ),
+                    mamba_bda=get_bias_dropout_add,
+                ),
+            ),
+            attention_layer=ModuleSpec(
+                module=TransformerLayer,
+                submodules=TransformerLayerSubmodules(
+                    input_layernorm=WrappedTorchNorm,
+                    self_attention=ModuleSpec(
+                        module=SelfAttention,
+                        params={"attn_mask_type": AttnMaskType.causal},
+                        submodules=SelfAttentionSubmodules(
+                            linear_qkv=ColumnParallelLinear,
+                            core_attention=DotProductAttention,
+                            linear_proj=RowParallelLinear,
+                        ),
+                    ),
+                    self_attn_bda=get_bias_dropout_add,
+                ),
+            ),
+            mlp_layer=ModuleSpec(
+                module=MLPLayer,
+                submodules=TransformerLayerSubmodules(
+                    pre_mlp_layernorm=WrappedTorchNorm,
+                    mlp=ModuleSpec(
+                        module=MLP,
+                        submodules=MLPSubmodules(
+                            linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear
+                        ),
+                    ),
+                    mlp_bda=get_bias_dropout_add,
+                ),
+            ),
+        ),
+    )
+
+
+def te_stack_spec() -> ModuleSpec:
+    """megatron's own Transformer Engine spec (GPU with transformer-engine installed)."""
+    from megatron.core.models.mamba.mamba_layer_specs import mamba_stack_spec
+
+    return mamba_stack_spec
+
+
+def resolve_backend(requested: str) -> str:
+    """auto -> te when CUDA and Transformer Engine are both usable, else local."""
+    if requested not in ("auto", *BACKENDS):
+        raise ValueError(f"unknown layer backend '{requested}'; use auto, local or te")
+    if requested != "auto":
+        return requested
+    from ..compat.mamba import te_usable
+
+    return "te" if te_usable() else "local"
+
+
+def stack_spec(backend: str) -> ModuleSpec:
+    return te_stack_spec() if backend == "te" else local_stack_spec()
