@@ -10,6 +10,10 @@ TE fuses the pre-norm into the following linear (`layer_norm_weight`).
 
 from __future__ import annotations
 
+from .. import compat
+
+compat.install()  # megatron's Mamba modules import triton / mamba-ssm at module top
+
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 from megatron.core.ssm.mamba_block import MambaStack, MambaStackSubmodules
 from megatron.core.ssm.mamba_layer import MambaLayer, MambaLayerSubmodules

@@ -1,0 +1,73 @@
+"""`elastic-megatron` command line: one subcommand per job, one config tree for all of them.
+
+    elastic-megatron train --config configs/tiny.yaml train.steps=100 parallel.tensor=2
+    torchrun --standalone --nproc_per_node=4 -m elastic_megatron.cli train parallel.tensor=2 parallel.pipeline=2
+    elastic-megatron prepare-data --input docs.jsonl --output data/docs --tokenizer char
+
+Dotted `key=value` overrides follow the YAML. Config errors print one line and exit with code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from .config import ConfigError, load_config
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", default=None,
+                   help="YAML file or preset name from configs/ (default: the embedded tiny model)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=1e-3 parallel.tensor=2")
+
+
+def cmd_train(args) -> int:
+    from .train.loop import train
+
+    cfg = load_config(args.config, args.overrides)
+    result = train(cfg)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"trained {result.steps} steps ({result.params:,} parameters); "
+              f"final loss {result.losses[-1] if result.losses else float('nan'):.4f}")
+        print(f"checkpoint: {result.checkpoint}")
+        print(f"metrics:    {result.metrics}")
+    return 0
+
+
+def cmd_prepare_data(args) -> int:
+    from .data.prepare import prepare_data
+
+    stats = prepare_data(args.input, args.output, tokenizer_spec=args.tokenizer, text_key=args.text_key)
+    print(f"wrote {stats['documents']:,} documents, {stats['tokens']:,} tokens to {args.output}.bin/.idx")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="elastic-megatron", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("train", help="train the hybrid parent (torchrun for several processes)")
+    _add_config_args(p)
+    p.set_defaults(func=cmd_train)
+    p = sub.add_parser("prepare-data", help="tokenize JSONL into megatron .bin/.idx files")
+    p.add_argument("--input", required=True, help="JSONL file, one {\"text\": ...} object per line")
+    p.add_argument("--output", required=True, help="output prefix (writes PREFIX.bin and PREFIX.idx)")
+    p.add_argument("--tokenizer", default="char", help="char (built-in) or a Hugging Face tokenizer name/path")
+    p.add_argument("--text-key", default="text", help="JSON key holding the document text")
+    p.set_defaults(func=cmd_prepare_data)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .data.prepare import DataFormatError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ConfigError, DataFormatError, FileNotFoundError) as exc:
+        print(f"elastic-megatron: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

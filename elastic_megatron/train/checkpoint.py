@@ -1,0 +1,113 @@
+"""Checkpoints with megatron's dist_checkpointing, written atomically.
+
+Layout under the checkpoint root:
+
+    iter_0000010/      one dist_checkpointing directory (model, optimizer, loop state)
+    latest             the name of the newest complete iter_* directory
+
+A save goes to `iter_N.tmp/` first and is renamed only after every rank has finished writing, and
+`latest` is replaced atomically afterwards, so a crash mid-save never leaves a checkpoint that
+looks complete. dist_checkpointing stores tensors by their global (TP=1) coordinates, so a
+checkpoint written with one TP x PP layout loads under another.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from megatron.core import dist_checkpointing
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def latest_checkpoint(root: str | Path) -> Path | None:
+    """The newest complete checkpoint under root, or None."""
+    marker = Path(root) / "latest"
+    if not marker.exists():
+        return None
+    path = Path(root) / marker.read_text().strip()
+    return path if path.is_dir() else None
+
+
+def _save_strategy():
+    """megatron's default writer forks worker processes; on our gloo/CPU runs those children die
+    silently and the save hangs forever in `count_queue.join()` (seen with megatron-core 0.16.1).
+    Off CUDA we therefore write synchronously in-process with torch.distributed.checkpoint's own
+    FileSystemWriter; the files and metadata are the same torch_dist format, loaded the same way."""
+    if torch.cuda.is_available():
+        return None  # megatron's default (parallel, forked writers)
+    from megatron.core.dist_checkpointing.strategies.torch import (
+        MCoreSavePlanner,
+        TorchDistSaveShardedStrategy,
+        _replace_state_dict_keys_with_sharded_keys,
+        mcore_to_pyt_state_dict,
+    )
+    from torch.distributed.checkpoint import FileSystemWriter
+    from torch.distributed.checkpoint import save as dcp_save
+
+    class InProcessTorchDistSave(TorchDistSaveShardedStrategy):
+        def save(self, sharded_state_dict, checkpoint_dir):
+            state, _, _ = _replace_state_dict_keys_with_sharded_keys(sharded_state_dict, self.keep_only_main_replica)
+            dcp_save(
+                mcore_to_pyt_state_dict(state, False),
+                storage_writer=FileSystemWriter(str(checkpoint_dir), thread_count=1),
+                planner=MCoreSavePlanner(dedup_replicated_tensors=not self.keep_only_main_replica,
+                                         flatten_state_dict=False),
+            )
+
+    return InProcessTorchDistSave("torch_dist", 1)
+
+
+def _sharded_state(model, optimizer, is_loading: bool) -> dict:
+    state = {"model": model.sharded_state_dict()}
+    if optimizer is not None:
+        state["optimizer"] = optimizer.sharded_state_dict(state["model"], is_loading=is_loading)
+    return state
+
+
+def save_checkpoint(root: str | Path, step: int, model, optimizer, loop_state: dict) -> Path:
+    """Write model (the unwrapped MegatronModule), optimizer and loop_state at `step`; returns the dir."""
+    root = Path(root)
+    final, tmp = root / f"iter_{step:07d}", root / f"iter_{step:07d}.tmp"
+    if _rank() == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    _barrier()
+    state = _sharded_state(model, optimizer, is_loading=False)
+    state["loop"] = loop_state  # plain objects: saved once, as common state
+    dist_checkpointing.save(state, str(tmp), sharded_strategy=_save_strategy())
+    _barrier()
+    if _rank() == 0:
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        marker_tmp = root / "latest.tmp"
+        marker_tmp.write_text(final.name)
+        os.replace(marker_tmp, root / "latest")
+    _barrier()
+    return final
+
+
+def load_checkpoint(path: str | Path, model, optimizer=None) -> dict:
+    """Load model (and optimizer, if given) in place from `path`; returns the saved loop state."""
+    path = Path(path)
+    if not (path / "metadata.json").exists():
+        raise FileNotFoundError(f"'{path}' is not a dist_checkpointing checkpoint (no metadata.json)")
+    state = _sharded_state(model, optimizer, is_loading=True)
+    state["loop"] = {}
+    loaded = dist_checkpointing.load(state, str(path))
+    model.load_state_dict(loaded["model"])
+    if optimizer is not None:
+        optimizer.load_state_dict(loaded["optimizer"])
+    return loaded.get("loop") or dist_checkpointing.load_common_state_dict(str(path)).get("loop", {})
