@@ -15,6 +15,7 @@ from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Optional
 
+import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -104,6 +105,9 @@ class TrainConfig:
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU), fp32, bf16
     eval_interval: int = 50  # steps between held-out evaluations; 0 disables
     eval_batches: int = 4  # micro-batches per held-out evaluation
+    # Stop (after writing a checkpoint) once this global step is reached, without changing the LR
+    # schedule, which still runs to train.steps. For job time limits; 0 = run to train.steps.
+    exit_at_step: int = 0
 
 
 @dataclass
@@ -184,7 +188,7 @@ def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = Non
     base = OmegaConf.structured(RunConfig)
     try:
         if path:
-            base = OmegaConf.merge(base, OmegaConf.load(resolve_config_path(path)))
+            base = OmegaConf.merge(base, _load_yaml(resolve_config_path(path)))
         for item in overrides or []:
             if "=" not in item:
                 raise ConfigError(f"override '{item}': expected key=value, e.g. train.lr=1e-3")
@@ -194,6 +198,20 @@ def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = Non
         raise ConfigError(_one_line(exc)) from None
     validate(cfg)
     return cfg
+
+
+def _load_yaml(p: Path) -> DictConfig:
+    """The file's top-level mapping; bad YAML syntax or a non-mapping top level is a one-line ConfigError."""
+    try:
+        node = OmegaConf.load(p)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file '{p}': invalid YAML: {' '.join(str(exc).split())}") from None
+    except OSError as exc:  # a directory, an unreadable file, or a scalar top level
+        raise ConfigError(f"config file '{p}': {' '.join(str(exc).split())}") from None
+    if not isinstance(node, DictConfig):
+        raise ConfigError(f"config file '{p}': the top level must be a mapping of sections "
+                          f"({', '.join(f.name for f in fields(RunConfig))}), not a list")
+    return node
 
 
 def resolve_config_path(path: str) -> Path:
@@ -275,16 +293,22 @@ def validate(cfg: RunConfig) -> None:
     if t.global_batch_size % t.micro_batch_size:
         _fail("train.global_batch_size",
               f"{t.global_batch_size} must be a multiple of train.micro_batch_size ({t.micro_batch_size})")
-    if t.lr <= 0 or t.min_lr < 0 or t.min_lr > t.lr:
-        _fail("train.min_lr", f"need 0 <= min_lr <= lr and lr > 0, got lr={t.lr}, min_lr={t.min_lr}")
+    if t.lr <= 0:
+        _fail("train.lr", f"must be > 0, got {t.lr}")
+    if t.min_lr < 0 or t.min_lr > t.lr:
+        _fail("train.min_lr", f"need 0 <= min_lr <= train.lr, got lr={t.lr}, min_lr={t.min_lr}")
     if t.warmup_steps < 0:
         _fail("train.warmup_steps", f"must be >= 0, got {t.warmup_steps}")
-    if not (0 <= t.adam_beta1 < 1 and 0 <= t.adam_beta2 < 1):
-        _fail("train.adam_beta1", f"Adam betas must be in [0, 1), got {t.adam_beta1}, {t.adam_beta2}")
+    for name in ("adam_beta1", "adam_beta2"):
+        if not 0 <= getattr(t, name) < 1:
+            _fail(f"train.{name}", f"Adam betas must be in [0, 1), got {getattr(t, name)}")
     if t.clip_grad < 0:
         _fail("train.clip_grad", f"must be >= 0 (0 disables), got {t.clip_grad}")
-    if t.eval_interval < 0 or t.eval_batches < 0:
-        _fail("train.eval_interval", "eval_interval and eval_batches must be >= 0")
+    if not 0 <= t.exit_at_step <= t.steps:
+        _fail("train.exit_at_step", f"must be in [0, train.steps={t.steps}], got {t.exit_at_step}")
+    for name in ("eval_interval", "eval_batches"):
+        if getattr(t, name) < 0:
+            _fail(f"train.{name}", f"must be >= 0, got {getattr(t, name)}")
 
     if cfg.checkpoint.save_interval < 0:
         _fail("checkpoint.save_interval", f"must be >= 0, got {cfg.checkpoint.save_interval}")

@@ -72,7 +72,10 @@ def _save_strategy():
 def _sharded_state(model, optimizer, is_loading: bool) -> dict:
     state = {"model": model.sharded_state_dict()}
     if optimizer is not None:
-        state["optimizer"] = optimizer.sharded_state_dict(state["model"], is_loading=is_loading)
+        # fully_reshardable: optimizer state stored in model space, so a checkpoint written with
+        # one DP size (or with the distributed optimizer off) loads under another.
+        state["optimizer"] = optimizer.sharded_state_dict(
+            state["model"], is_loading=is_loading, metadata={"distrib_optim_sharding_type": "dp_reshardable"})
     return state
 
 
@@ -86,7 +89,7 @@ def save_checkpoint(root: str | Path, step: int, model, optimizer, loop_state: d
         tmp.mkdir()
     _barrier()
     state = _sharded_state(model, optimizer, is_loading=False)
-    state["loop"] = loop_state  # plain objects: saved once, as common state
+    state["loop"] = {**loop_state, "adam_step": _adam_step(optimizer)} if optimizer is not None else loop_state
     dist_checkpointing.save(state, str(tmp), sharded_strategy=_save_strategy())
     _barrier()
     if _rank() == 0:
@@ -99,15 +102,57 @@ def save_checkpoint(root: str | Path, step: int, model, optimizer, loop_state: d
     return final
 
 
+def _materialize_optimizer_state(optimizer) -> None:
+    """The distributed optimizer can only describe (and so load) its state once it exists, and
+    torch's Adam creates state lazily at the first step. megatron's own remedy is a dummy step
+    with zero grads; we run it at lr=0 so it cannot move the weights."""
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(opt, "optimizer", None)
+        if not hasattr(opt, "_init_optimizer_states_with_dummy_values") or inner is None or inner.state:
+            continue
+        lrs = [g["lr"] for g in inner.param_groups]
+        for g in inner.param_groups:
+            g["lr"] = 0.0
+        opt._init_optimizer_states_with_dummy_values()
+        for g, lr in zip(inner.param_groups, lrs):
+            g["lr"] = lr
+
+
+def _adam_states(optimizer):
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        yield from getattr(getattr(opt, "optimizer", None), "state", {}).values()
+
+
+def _adam_step(optimizer) -> float:
+    steps = [float(st["step"]) for st in _adam_states(optimizer) if "step" in st]
+    return max(steps) if steps else 0.0
+
+
+def _restore_adam_steps(optimizer, step: float) -> None:
+    """Without apex/TE, megatron's DistributedOptimizer does not round-trip torch Adam's per-param
+    `step` (dp_reshardable leaves the dummy step's 1; another path shares one tensor between all
+    parameters), which corrupts the bias correction: resumed losses drifted from the straight
+    run. We save the step in the loop state and give every parameter its own copy back."""
+    for state in _adam_states(optimizer):
+        if isinstance(state.get("step"), torch.Tensor):
+            state["step"] = torch.tensor(step, dtype=state["step"].dtype)
+
+
 def load_checkpoint(path: str | Path, model, optimizer=None) -> dict:
     """Load model (and optimizer, if given) in place from `path`; returns the saved loop state."""
     path = Path(path)
     if not (path / "metadata.json").exists():
         raise FileNotFoundError(f"'{path}' is not a dist_checkpointing checkpoint (no metadata.json)")
+    if optimizer is not None:
+        _materialize_optimizer_state(optimizer)
     state = _sharded_state(model, optimizer, is_loading=True)
     state["loop"] = {}
     loaded = dist_checkpointing.load(state, str(path))
+    loop = loaded.get("loop") or dist_checkpointing.load_common_state_dict(str(path)).get("loop", {})
     model.load_state_dict(loaded["model"])
     if optimizer is not None:
-        optimizer.load_state_dict(loaded["optimizer"])
-    return loaded.get("loop") or dist_checkpointing.load_common_state_dict(str(path)).get("loop", {})
+        with torch.no_grad():  # fp32 main params are views of the model's leaf parameters
+            optimizer.load_state_dict(loaded["optimizer"])
+        if "adam_step" in loop:
+            _restore_adam_steps(optimizer, loop["adam_step"])
+    return loop

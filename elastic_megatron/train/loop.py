@@ -151,7 +151,8 @@ def _train(cfg: RunConfig, layout: ParallelLayout) -> TrainResult:
         print(f"resumed from {resume_from} at step {start_step}", flush=True)
     result = TrainResult(steps=t.steps, params=n_params, metrics=str(logger.path))
     seq = cfg.data.seq_length
-    for step in range(start_step, t.steps):
+    end_step = t.exit_at_step or t.steps
+    for step in range(start_step, end_step):
         tic = time.perf_counter()
         lr = lr_at(step, t)
         set_lr(optimizer, lr)
@@ -170,7 +171,7 @@ def _train(cfg: RunConfig, layout: ParallelLayout) -> TrainResult:
         logger.progress(1, loss=loss, tok_s=round(tokens_per_s))
         if t.eval_interval and ((step + 1) % t.eval_interval == 0 or step + 1 == t.steps):
             logger.log({"step": step + 1, "heldout_loss": evaluate(ddp_model, valid_ds, cfg, layout)})
-        last = step + 1 == t.steps
+        last = step + 1 == end_step
         if last or (cfg.checkpoint.save_interval and (step + 1) % cfg.checkpoint.save_interval == 0):
             path = save_checkpoint(ckpt_root, step + 1, model, optimizer, {"step": step + 1})
             result.checkpoint = str(path)

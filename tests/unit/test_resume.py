@@ -1,0 +1,71 @@
+"""Invariant 4: stopping at step 5 and resuming continues exactly the run that never stopped."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+from elastic_megatron.config import load_config
+from elastic_megatron.train.checkpoint import latest_checkpoint
+from elastic_megatron.train.loop import train
+from tests.conftest import FAST, read_metrics, run_cli
+
+
+def _tensors(ckpt_dir, tmp_path) -> dict[str, torch.Tensor]:
+    """Every tensor of a dist checkpoint (model and optimizer state), flattened by key."""
+    out = tmp_path / f"{ckpt_dir.parent.parent.name}.pt"
+    dcp_to_torch_save(str(ckpt_dir), str(out))
+    flat = {}
+
+    def walk(prefix, obj):
+        if isinstance(obj, dict):
+            for k, v in obj.items():
+                walk(f"{prefix}.{k}", v)
+        elif isinstance(obj, torch.Tensor):
+            flat[prefix] = obj
+
+    walk("", torch.load(out, weights_only=False))
+    return flat
+
+
+def _cfg(out, *extra):
+    return load_config(None, ["train.steps=10", "train.warmup_steps=3", *FAST, f"logging.out_dir={out}", *extra])
+
+
+@pytest.fixture(autouse=True)
+def _single_process_env(monkeypatch):
+    monkeypatch.setenv("MASTER_PORT", str(29600 + os.getpid() % 300))
+
+
+def test_resume_is_exact(tmp_path):
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    full = train(_cfg(straight)).losses
+    first = train(_cfg(split, "train.exit_at_step=5")).losses
+    assert len(first) == 5 and latest_checkpoint(split / "checkpoints").name == "iter_0000005"
+    second = train(_cfg(split)).losses  # resumes from iter_0000005
+    assert len(second) == 5
+    assert first + second == full, f"{first + second} != {full}"
+    assert read_metrics(split) == full  # the metrics file continues the same run too
+
+    a = _tensors(latest_checkpoint(straight / "checkpoints"), tmp_path)
+    b = _tensors(latest_checkpoint(split / "checkpoints"), tmp_path)
+    assert a.keys() == b.keys() and any("exp_avg" in k for k in a), sorted(a)[:5]
+    for key in a:
+        assert torch.equal(a[key], b[key]), f"{key} differs after resume"
+
+
+def test_resume_with_no_checkpoint_starts_fresh_and_bad_load_path_is_clear(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not a dist_checkpointing checkpoint"):
+        train(_cfg(tmp_path / "x", "train.steps=1", f"checkpoint.load={tmp_path}"))
+
+
+@pytest.mark.distributed
+def test_resume_exact_with_distributed_optimizer_dp2(tmp_path):
+    args = ["train", "train.steps=6", *FAST, "parallel.data=2", "parallel.distributed_optimizer=true"]
+    run_cli([*args, f"logging.out_dir={tmp_path / 'straight'}"], nproc=2)
+    run_cli([*args, f"logging.out_dir={tmp_path / 'split'}", "train.exit_at_step=3"], nproc=2)
+    run_cli([*args, f"logging.out_dir={tmp_path / 'split'}"], nproc=2)
+    assert read_metrics(tmp_path / "split") == read_metrics(tmp_path / "straight")
