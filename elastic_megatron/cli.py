@@ -23,9 +23,9 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_train(args) -> int:
+    cfg = load_config(args.config, args.overrides)  # fail fast, before megatron's slow import
     from .train.loop import train
 
-    cfg = load_config(args.config, args.overrides)
     result = train(cfg)
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"trained {result.steps} steps ({result.params:,} parameters); "

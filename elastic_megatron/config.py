@@ -302,6 +302,8 @@ def validate(cfg: RunConfig) -> None:
     for name in ("adam_beta1", "adam_beta2"):
         if not 0 <= getattr(t, name) < 1:
             _fail(f"train.{name}", f"Adam betas must be in [0, 1), got {getattr(t, name)}")
+    if t.weight_decay < 0:
+        _fail("train.weight_decay", f"must be >= 0, got {t.weight_decay}")
     if t.clip_grad < 0:
         _fail("train.clip_grad", f"must be >= 0 (0 disables), got {t.clip_grad}")
     if not 0 <= t.exit_at_step <= t.steps:

@@ -36,6 +36,8 @@ class ParallelLayout:
     def resolve(cfg: RunConfig, world_size: int) -> "ParallelLayout":
         p, m, t = cfg.parallel, cfg.model, cfg.train
         tp, pp = p.tensor, p.pipeline
+        if world_size < 1:
+            raise ConfigError(f"world size must be >= 1, got {world_size}")
         if world_size % (tp * pp):
             raise ConfigError(
                 f"config key 'parallel.tensor': TP {tp} x PP {pp} = {tp * pp} does not divide the world size "

@@ -41,7 +41,7 @@ default_nproc() {
     if command -v nvidia-smi >/dev/null 2>&1; then
         n=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
     fi
-    if [[ -n "${CUDA_VISIBLE_DEVICES:-}" && "$n" -gt 0 ]]; then
+    if [[ -n "${CUDA_VISIBLE_DEVICES+set}" && "$n" -gt 0 ]]; then   # set (even empty): it decides
         n=$(awk -F, '{print NF}' <<<"$CUDA_VISIBLE_DEVICES")
     fi
     echo $(( n > 0 ? n : 1 ))
@@ -96,11 +96,11 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 # export NCCL_DEBUG=WARN                  # INFO to see the rings/trees NCCL picks
 # export NCCL_SOCKET_IFNAME=ib0           # the interface for bootstrap traffic on multi-homed hosts
 # export NCCL_IB_DISABLE=1                # no InfiniBand: fall back to TCP sockets
-# export NCCL_ASYNC_ERROR_HANDLING=1      # fail fast instead of hanging on a dead peer
+# export TORCH_DISTRIBUTED_DEBUG=DETAIL   # check that ranks call matching collectives (slow)
 # export CUDA_DEVICE_MAX_CONNECTIONS=1    # what Megatron-LM's examples set for TP/SP comm overlap
 
 printf 'OMP_NUM_THREADS=%s' "$OMP_NUM_THREADS"
 printf ' %q' "${cmd[@]}"
 printf '\n'
 if (( dry_run )); then exit 0; fi
-exec "${cmd[@]}"
+"${cmd[@]}"; exit 0

@@ -287,20 +287,14 @@ def test_cli_config_error_exits_2_with_the_error_line(cli_bad_key):
     assert stdout == ""
 
 
-CLI_IMPORTS_MEGATRON_FIRST = pytest.mark.xfail(
-    strict=True, raises=AssertionError,
-    reason="cli.cmd_train imports .train.loop (megatron, ~5 s, UserWarnings on stderr) before load_config; "
-           "fix in cli.py: call load_config() before `from .train.loop import train`, then drop this mark")
 
 
-@CLI_IMPORTS_MEGATRON_FIRST
 def test_cli_config_error_is_the_only_stderr_line(cli_bad_key):
     returncode, _, _, stderr = cli_bad_key
     assert returncode == 2
     assert len(stderr) == 1 and stderr[0].startswith(PREFIX), stderr
 
 
-@CLI_IMPORTS_MEGATRON_FIRST
 def test_cli_config_error_is_raised_before_megatron_is_imported(cli_bad_key):
     _, _, imported, _ = cli_bad_key
     assert "elastic_megatron.config" in imported  # the importtime report is there at all

@@ -150,6 +150,24 @@ def test_torchrun_keeps_callers_omp_threads_and_torchrun(stubs, tmp_path):
     assert recorded(stubs, "torchrun") is None
 
 
+@pytest.mark.parametrize("gpus, visible, expect", [
+    (0, None, 1),     # no nvidia-smi: one CPU rank
+    (4, None, 4),     # one rank per GPU
+    (4, "1,3", 2),    # ... per visible GPU
+    (4, "", 1),       # CUDA_VISIBLE_DEVICES="" hides them all
+])
+def test_torchrun_default_nproc(stubs, gpus, visible, expect):
+    if gpus:
+        smi = stubs / "nvidia-smi"
+        smi.write_text("#!/usr/bin/env bash\n" + "".join(f"echo 'GPU {i}: NVIDIA H100 (UUID: GPU-{i})'\n"
+                                                         for i in range(gpus)))
+        smi.chmod(0o755)
+    env = base_env(stubs) if visible is None else base_env(stubs, CUDA_VISIBLE_DEVICES=visible)
+    r = run([str(TORCHRUN_SH), "--dry-run", "--", "train"], env)
+    assert r.returncode == 0, r.stderr
+    assert f" --nproc_per_node={expect} " in r.stdout
+
+
 @pytest.mark.parametrize("args, message", [
     ([], "no elastic-megatron arguments"),
     (["--"], "no elastic-megatron arguments"),
