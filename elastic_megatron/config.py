@@ -133,6 +133,46 @@ class LoggingConfig:
 
 
 @dataclass
+class ElasticConfig:
+    """The nested family: budgets, the choices on each axis, and the routers that pick subnets."""
+
+    # Target sizes, largest first: parameter counts ("6B", "2.5M", "900K") or fractions of the
+    # parent's parameters (1.0, 0.75). The full model is always trained as the first budget.
+    budgets: list[str] = field(default_factory=lambda: ["1.0", "0.75", "0.5"])
+    # Allowed sizes per axis: fractions of the parent (0 < f <= 1) or integers. The full size is
+    # always added. Validated against TP and Mamba / KV group divisibility.
+    hidden: list[float] = field(default_factory=lambda: [1.0, 0.875, 0.75, 0.625, 0.5])
+    mamba_heads: list[float] = field(default_factory=lambda: [1.0, 0.75, 0.5])
+    mamba_head_dim: list[float] = field(default_factory=lambda: [1.0, 0.75, 0.5])
+    attn_heads: list[float] = field(default_factory=lambda: [1.0, 0.5])
+    ffn: list[float] = field(default_factory=lambda: [1.0, 0.75, 0.5, 0.25])
+    depth: list[float] = field(default_factory=lambda: [1.0, 0.9, 0.8])
+    # Per-layer (heterogeneous) choices for these axes; the others are one choice model-wide.
+    heterogeneous: list[str] = field(default_factory=lambda: ["ffn", "mamba_heads"])
+    mode: str = "hard"  # hard: compute on weight prefixes (cost ~ budget); soft: probability-weighted masks
+    importance_batches: int = 8  # calibration micro-batches for importance estimation
+    importance_path: str = ""  # saved scores (.pt); empty = <logging.out_dir>/importance.pt
+    depth_metric: str = "nmse"  # layer ranking: nmse (iterative normalized MSE of logits) or cosine
+
+
+@dataclass
+class RouterConfig:
+    """One router per axis: one-hot budget -> Linear -> LeakyReLU -> Linear -> Gumbel-softmax."""
+
+    hidden_size: int = 256  # router MLP width
+    lr: float = 1e-2  # router learning rate (its own Adam)
+    tau_start: float = 1.0  # Gumbel-softmax temperature, annealed linearly ...
+    tau_end: float = 0.05  # ... to this value over the elastic training steps
+    scale_start: float = 1.0  # router logit scale, annealed linearly ...
+    scale_end: float = 10.0  # ... to this value
+    budget_weight: float = 1.0  # lambda: weight of the budget loss in the total loss
+    cost: str = "params"  # params (closed-form parameter count) or memory (weights + KV cache + Mamba state)
+    memory_seq_length: int = 8192  # sequence length the memory cost assumes
+    memory_batch_size: int = 1  # batch size the memory cost assumes
+    bytes_per_param: int = 2  # bf16 weights / caches in the memory cost
+
+
+@dataclass
 class RunConfig:
     """The whole tree."""
 
@@ -142,6 +182,8 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    elastic: ElasticConfig = field(default_factory=ElasticConfig)
+    router: RouterConfig = field(default_factory=RouterConfig)
 
 
 # --------------------------------------------------------------------------- loading
@@ -152,6 +194,9 @@ _CHOICES = {
     "train.precision": ("auto", "fp32", "bf16"),
     "parallel.backend": ("auto", "nccl", "gloo"),
     "logging.wandb_mode": ("offline", "online", "disabled"),
+    "elastic.mode": ("hard", "soft"),
+    "elastic.depth_metric": ("nmse", "cosine"),
+    "router.cost": ("params", "memory"),
 }
 
 
@@ -318,3 +363,51 @@ def validate(cfg: RunConfig) -> None:
         _fail("logging.log_interval", f"must be > 0, got {cfg.logging.log_interval}")
     if not cfg.logging.out_dir:
         _fail("logging.out_dir", "must not be empty")
+    _validate_elastic(cfg)
+
+
+_AXES = ("hidden", "mamba_heads", "mamba_head_dim", "attn_heads", "ffn", "depth")
+
+
+def parse_budget(text: str) -> float | int:
+    """"6B" -> 6_000_000_000, "2.5M" -> 2_500_000, "900K" -> 900_000, "0.75" -> 0.75 (a fraction)."""
+    t = str(text).strip().upper()
+    scale = {"K": 1e3, "M": 1e6, "B": 1e9, "T": 1e12}.get(t[-1:] if t else "")
+    try:
+        value = float(t[:-1] if scale else t)
+    except ValueError:
+        raise ConfigError(f"config key 'elastic.budgets': '{text}' is not a budget; use e.g. 6B, 2.5M or 0.75") from None
+    if scale:
+        return int(value * scale)
+    if not 0 < value <= 1:
+        raise ConfigError(f"config key 'elastic.budgets': fraction {text} must be in (0, 1]; "
+                          "or give a parameter count such as 6B")
+    return value
+
+
+def _validate_elastic(cfg: RunConfig) -> None:
+    e, r = cfg.elastic, cfg.router
+    if not e.budgets:
+        _fail("elastic.budgets", "needs at least one budget")
+    for b in e.budgets:
+        parse_budget(b)
+    for axis in _AXES:
+        for v in getattr(e, axis):
+            if v <= 0:
+                _fail(f"elastic.{axis}", f"choice {v} must be > 0 (a fraction <= 1 or an integer size)")
+    for axis in e.heterogeneous:
+        if axis not in ("mamba_heads", "mamba_head_dim", "attn_heads", "ffn"):
+            _fail("elastic.heterogeneous", f"'{axis}' cannot be per-layer; allowed: mamba_heads, mamba_head_dim, "
+                                           "attn_heads, ffn")
+    if e.importance_batches <= 0:
+        _fail("elastic.importance_batches", f"must be > 0, got {e.importance_batches}")
+    if r.hidden_size <= 0 or r.lr <= 0:
+        _fail("router.hidden_size", "router.hidden_size and router.lr must be > 0")
+    if not 0 < r.tau_end <= r.tau_start:
+        _fail("router.tau_end", f"need 0 < tau_end <= tau_start, got {r.tau_start} -> {r.tau_end}")
+    if not 0 < r.scale_start <= r.scale_end:
+        _fail("router.scale_end", f"need 0 < scale_start <= scale_end, got {r.scale_start} -> {r.scale_end}")
+    if r.budget_weight < 0:
+        _fail("router.budget_weight", f"must be >= 0, got {r.budget_weight}")
+    if r.memory_seq_length <= 0 or r.memory_batch_size <= 0 or r.bytes_per_param <= 0:
+        _fail("router.memory_seq_length", "memory_seq_length, memory_batch_size and bytes_per_param must be > 0")

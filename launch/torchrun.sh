@@ -103,4 +103,4 @@ printf 'OMP_NUM_THREADS=%s' "$OMP_NUM_THREADS"
 printf ' %q' "${cmd[@]}"
 printf '\n'
 if (( dry_run )); then exit 0; fi
-"${cmd[@]}"; exit 0
+exec "${cmd[@]}"
