@@ -31,7 +31,7 @@ BASH = shutil.which("bash") or "/bin/bash"
 STUB = r"""#!/usr/bin/env bash
 name=$(basename "$0")
 printf '%s\n' "$@" > "$STUB_DIR/$name.args"
-{ echo "PWD=$PWD"; echo "OMP_NUM_THREADS=${OMP_NUM_THREADS-<unset>}"; } > "$STUB_DIR/$name.env"
+{ echo "PWD=$PWD"; echo "PID=$$"; echo "OMP_NUM_THREADS=${OMP_NUM_THREADS-<unset>}"; } > "$STUB_DIR/$name.env"
 if [[ "$name" == scontrol && "$1 $2" == "show hostnames" ]]; then printf 'gpu-node07\ngpu-node08\n'; fi
 if [[ "$name" == scontrol && "$1" == requeue ]]; then printf '%s\n' "$@" > "$STUB_DIR/requeue.args"; fi
 if [[ "$name" == srun && -n "${STUB_SRUN_WAIT:-}" ]]; then
@@ -135,6 +135,15 @@ def test_torchrun_runs_exactly_the_printed_command(stubs):
     assert printed[1] == "torchrun" and printed[2:] == ran
     assert ran == ["--standalone", "--nproc_per_node=3", "-m", "elastic_megatron.cli", *args]
     assert stub_env(stubs, "torchrun")["OMP_NUM_THREADS"] == "1"
+
+
+def test_torchrun_execs_so_signals_reach_torchrun(stubs):
+    """torchrun replaces the wrapper process: SIGTERM from a scheduler goes straight to it."""
+    p = subprocess.Popen([str(TORCHRUN_SH), "--nproc", "1", "--", "train"], env=base_env(stubs), cwd=ROOT,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    p.communicate(timeout=20)
+    assert p.returncode == 0
+    assert stub_env(stubs, "torchrun")["PID"] == str(p.pid)
 
 
 def test_torchrun_keeps_callers_omp_threads_and_torchrun(stubs, tmp_path):

@@ -1,0 +1,257 @@
+"""The parent's forward under a subnet: compute on weight prefixes (hard) or with prefix masks (soft).
+
+    ElasticHybrid(model, cfg)(tokens, position_ids, labels, subnet=..., gates=...)
+
+`model` is this rank's pipeline stage of megatron's MambaModel (sorted, see elastic/sorting.py);
+we run its parameters through our own layer functions instead of megatron's module forwards, so
+the subnet travels as data. Shapes below are per tensor-parallel rank:
+
+    tokens [b, s] -> embedding [s, b, h] -> x[..., :hk]                     (hidden prefix)
+    Mamba:     in_proj rows [z | x | B | C | dt] of the kept heads / head-dim channels, B/C all
+               -> conv1d (kept x channels + all B/C) -> SSD scan -> gated group RMSNorm -> out_proj
+    attention: per KV group, the first a query heads + that group's K and V -> causal SDPA -> proj
+    MLP:       fc1 rows[:f] -> squared ReLU -> fc2 cols[:f]
+    depth:     a dropped layer is the identity
+
+Hard mode (default) slices, so a half-size subnet does about half the FLOPs. Soft mode runs the
+full width and multiplies activations by probability-weighted prefix masks (router training);
+with 0/1 masks it gives the hard result. RMSNorm over a masked hidden uses the k/d correction
+(eps x k/d, output x sqrt(k/d)), i.e. it normalises over the kept channels only, as the sliced
+model does. Gates (straight-through, value 1) carry the router's gradient into each layer output.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from megatron.core import parallel_state as ps
+from megatron.core import tensor_parallel
+from megatron.core.tensor_parallel.mappings import (
+    copy_to_tensor_model_parallel_region,
+    reduce_from_tensor_model_parallel_region,
+)
+
+from ..config import RunConfig
+from ..model.hybrid import squared_relu, stage_layer_offset
+from ..parallel import ParallelLayout
+from .subnet import Subnet, layer_slots
+
+
+@dataclass
+class SoftMasks:
+    """Soft mode: full-width masks in [0, 1] (global, TP=1 indexing), probability-weighted prefixes."""
+
+    hidden: torch.Tensor  # [h]
+    mamba_heads: list[torch.Tensor]  # per Mamba layer [H] (per-group prefixes, group-major)
+    mamba_head_dim: list[torch.Tensor]  # per Mamba layer [p]
+    attn_heads: list[torch.Tensor]  # per attention layer [heads] (per-KV-group prefixes)
+    ffn: list[torch.Tensor]  # per MLP layer [ffn]
+    keep: torch.Tensor  # [L] keep probability per layer
+
+
+# ----------------------------------------------------------------------------- index helpers
+
+@lru_cache(maxsize=512)
+def _mamba_rows(heads_l: int, groups_l: int, p: int, n: int, a_per_group: int, d: int):
+    """Local in_proj rows, conv channels and head ids kept by (a heads per group, d channels per head)."""
+    hpg = heads_l // groups_l
+    heads = torch.tensor([g * hpg + j for g in range(groups_l) for j in range(a_per_group)])
+    chans = (heads[:, None] * p + torch.arange(d)[None, :]).reshape(-1)  # kept channels of d_inner
+    d_in, bc = heads_l * p, groups_l * n
+    bc_rows = torch.arange(2 * bc)
+    rows = torch.cat([chans, d_in + chans, 2 * d_in + bc_rows, 2 * d_in + 2 * bc + heads])
+    conv = torch.cat([chans, d_in + bc_rows])
+    return rows, conv, heads, chans
+
+
+@lru_cache(maxsize=512)
+def _attn_rows(groups_l: int, hpg: int, d: int, a_per_group: int):
+    """Local linear_qkv rows ([q_0..q_a-1, k, v] per group) and linear_proj columns of kept heads."""
+    qkv, proj = [], []
+    for g in range(groups_l):
+        base = g * (hpg + 2) * d
+        qkv += [base + j * d + c for j in range(a_per_group) for c in range(d)]
+        qkv += [base + hpg * d + c for c in range(2 * d)]  # K and V of the group
+        proj += [(g * hpg + j) * d + c for j in range(a_per_group) for c in range(d)]
+    return torch.tensor(qkv), torch.tensor(proj)
+
+
+def _take(w: torch.Tensor, dim: int, idx: Optional[torch.Tensor], n: Optional[int] = None) -> torch.Tensor:
+    """w restricted to rows/cols `idx` (or the prefix of length n) along dim; no copy when full."""
+    if idx is not None:
+        if idx.numel() == w.shape[dim] and bool((idx == torch.arange(w.shape[dim])).all()):
+            return w
+        return w.index_select(dim, idx.to(w.device))
+    if n is None or n == w.shape[dim]:
+        return w
+    return w.narrow(dim, 0, n)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """RMSNorm over the last dim; with `mask`, over the kept channels only (k/d correction)."""
+    if mask is None:
+        return F.rms_norm(x, (x.shape[-1],), weight, eps)
+    k = mask.sum().clamp(min=1.0)
+    xm = x * mask
+    return xm * torch.rsqrt(xm.pow(2).sum(-1, keepdim=True) / k + eps) * weight * mask
+
+
+def group_rms_norm(y: torch.Tensor, weight: torch.Tensor, groups: int, eps: float,
+                   mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Mamba's gated-output norm: RMSNorm inside each of `groups` contiguous channel groups."""
+    shape = y.shape
+    yg = y.reshape(*shape[:-1], groups, shape[-1] // groups)
+    if mask is None:
+        out = yg * torch.rsqrt(yg.pow(2).mean(-1, keepdim=True) + eps)
+    else:
+        mg = mask.reshape(groups, -1)
+        k = mg.sum(-1, keepdim=True).clamp(min=1.0)
+        out = yg * mg * torch.rsqrt((yg * mg).pow(2).sum(-1, keepdim=True) / k + eps)
+    return out.reshape(shape) * weight
+
+
+# ----------------------------------------------------------------------------- the forward
+
+class ElasticHybrid:
+    """A view of a (sorted) MambaModel stage that runs any subnet. Holds no weights of its own."""
+
+    def __init__(self, model, cfg: RunConfig, layout: ParallelLayout):
+        self.model, self.m = model, cfg.model
+        self.tp = layout.tensor
+        self.offset = stage_layer_offset(cfg, layout, ps.get_pipeline_model_parallel_rank())
+        self.slots = layer_slots(cfg.model.hybrid_override_pattern)
+        self.full = Subnet.full(cfg.model)
+
+    def __call__(self, tokens, position_ids, labels=None, subnet: Optional[Subnet] = None,
+                 gates: Optional[torch.Tensor] = None, masks: Optional[SoftMasks] = None):
+        model, s = self.model, subnet or self.full
+        soft = masks is not None
+        hk = self.m.hidden_size if soft else s.hidden
+        if model.pre_process:
+            x = model.embedding.word_embeddings(tokens).transpose(0, 1)  # [s, b, h]
+        else:
+            x = model.decoder.input_tensor  # [s, b, h] from the previous stage (padded, see below)
+        x = x[..., :hk] if not soft else x * masks.hidden
+        for i, layer in enumerate(model.decoder.layers):
+            gi = self.offset + i
+            kind, k = self.slots[gi]
+            keep = masks.keep[gi] if soft else (1.0 if s.keep[gi] else 0.0)
+            if not soft and not s.keep[gi]:
+                continue  # a dropped layer is the identity
+            if kind == "M":
+                out = self._mamba(layer, x, s, k, masks)
+            elif kind == "*":
+                out = self._attention(layer, x, s, k, masks)
+            else:
+                out = self._mlp(layer, x, s, k, masks)
+            if soft:
+                out = out * masks.hidden * keep
+            if gates is not None:
+                out = out * gates[gi]
+            x = x + out
+        if not model.post_process:
+            # p2p buffers have the parent's width: pad a narrower hidden with zeros.
+            return F.pad(x, (0, self.m.hidden_size - x.shape[-1])) if x.shape[-1] < self.m.hidden_size else x
+        hmask = masks.hidden if soft else None
+        x = rms_norm(x, _take(model.decoder.final_norm.weight, 0, None, hk), self.m.norm_epsilon, hmask)
+        x = copy_to_tensor_model_parallel_region(x)
+        logits = F.linear(x, _take(model.output_layer.weight, 1, None, hk))  # [s, b, V/tp]
+        if labels is None:
+            return logits.transpose(0, 1).contiguous()  # [b, s, V/tp]
+        loss = tensor_parallel.vocab_parallel_cross_entropy(logits.float(), labels.transpose(0, 1).contiguous())
+        return loss.transpose(0, 1).contiguous()  # [b, s]
+
+    # -- layers: each returns the layer's residual update [s, b, hk] -----------------------
+
+    def _norm(self, norm, x, masks):
+        hk = x.shape[-1]
+        return rms_norm(x, _take(norm.weight, 0, None, hk), self.m.norm_epsilon, masks.hidden if masks else None)
+
+    def _mamba(self, layer, x, s: Subnet, k: int, masks: Optional[SoftMasks]):
+        mixer, m = layer.mixer, self.m
+        heads_l, groups_l, p, n = m.mamba_num_heads // self.tp, m.mamba_num_groups // self.tp, m.mamba_head_dim, \
+            m.mamba_state_dim
+        hk = x.shape[-1]
+        h = self._norm(layer.norm, x, masks)
+        h = copy_to_tensor_model_parallel_region(h)
+        if masks is None:
+            a, d = s.mamba_heads[k] // m.mamba_num_groups, s.mamba_head_dim[k]
+        else:
+            a, d = heads_l // groups_l, p  # full width, masked below
+        rows, conv_idx, kept_heads, chans = _mamba_rows(heads_l, groups_l, p, n, a, d)
+        zxbcdt = F.linear(h, _take(_take(mixer.in_proj.weight, 0, rows), 1, None, hk))  # [s, b, *]
+        d_in = kept_heads.numel() * d
+        A = -torch.exp(_take(mixer.A_log, 0, kept_heads).float())
+        conv_w = _take(mixer.conv1d.weight, 0, conv_idx).squeeze(1)  # [c, w]
+        conv_b = _take(mixer.conv1d.bias, 0, conv_idx)
+        z, xbc, dt = torch.split(zxbcdt.transpose(0, 1), [d_in, d_in + 2 * groups_l * n, kept_heads.numel()], dim=-1)
+        xbc = F.silu(_causal_conv(xbc, conv_w, conv_b))  # [b, s, c]
+        xs, B, C = torch.split(xbc, [d_in, groups_l * n, groups_l * n], dim=-1)
+        chan_mask = None
+        if masks is not None:  # [H*p] mask of this rank's channels: head mask x head-dim mask
+            r = ps.get_tensor_model_parallel_rank()
+            hm = masks.mamba_heads[k].view(-1)[r * heads_l:(r + 1) * heads_l]
+            chan_mask = (hm[:, None] * masks.mamba_head_dim[k][None, :]).reshape(-1)
+            xs = xs * chan_mask
+        b_, s_ = xs.shape[:2]
+        y = _mixer_ops().mamba_chunk_scan_combined(
+            xs.reshape(b_, s_, -1, d), dt, A, B.reshape(b_, s_, groups_l, n), C.reshape(b_, s_, groups_l, n),
+            mixer.chunk_size, D=_take(mixer.D, 0, kept_heads), z=z.reshape(b_, s_, -1, d),
+            dt_bias=_take(mixer.dt_bias, 0, kept_heads).float(), dt_softplus=True,
+        ).reshape(b_, s_, d_in)
+        y = group_rms_norm(y, _take(mixer.norm.weight, 0, chans), groups_l, 1e-5, chan_mask)
+        y = F.linear(y.transpose(0, 1), _take(_take(mixer.out_proj.weight, 0, None, hk), 1, chans))
+        return reduce_from_tensor_model_parallel_region(y)
+
+    def _attention(self, layer, x, s: Subnet, k: int, masks: Optional[SoftMasks]):
+        m, att = self.m, layer.self_attention
+        groups_l, hpg, d = m.num_query_groups // self.tp, m.num_attention_heads // m.num_query_groups, m.kv_channels
+        a = hpg if masks is not None else s.attn_heads[k] // m.num_query_groups
+        hk = x.shape[-1]
+        h = copy_to_tensor_model_parallel_region(self._norm(layer.input_layernorm, x, masks))
+        qkv_rows, proj_cols = _attn_rows(groups_l, hpg, d, a)
+        qkv = F.linear(h, _take(_take(att.linear_qkv.weight, 0, qkv_rows), 1, None, hk))  # [s, b, G*(a+2)*d]
+        sq, b_ = qkv.shape[:2]
+        qkv = qkv.view(sq, b_, groups_l, a + 2, d)
+        q = qkv[:, :, :, :a].reshape(sq, b_, groups_l * a, d).permute(1, 2, 0, 3)  # [b, G*a, s, d]
+        kk = qkv[:, :, :, a].permute(1, 2, 0, 3)  # [b, G, s, d]
+        v = qkv[:, :, :, a + 1].permute(1, 2, 0, 3)
+        kk, v = kk.repeat_interleave(a, dim=1), v.repeat_interleave(a, dim=1)
+        ctx = F.scaled_dot_product_attention(q, kk, v, is_causal=True)  # [b, G*a, s, d]
+        if masks is not None:
+            r = ps.get_tensor_model_parallel_rank()
+            hmask = masks.attn_heads[k][r * groups_l * hpg:(r + 1) * groups_l * hpg]
+            ctx = ctx * hmask[None, :, None, None]
+        ctx = ctx.permute(2, 0, 1, 3).reshape(sq, b_, -1)  # [s, b, G*a*d]
+        out = F.linear(ctx, _take(_take(att.linear_proj.weight, 0, None, hk), 1, proj_cols))
+        return reduce_from_tensor_model_parallel_region(out)
+
+    def _mlp(self, layer, x, s: Subnet, k: int, masks: Optional[SoftMasks]):
+        mlp, hk = layer.mlp, x.shape[-1]
+        f = None if masks is not None else s.ffn[k] // self.tp
+        h = copy_to_tensor_model_parallel_region(self._norm(layer.pre_mlp_layernorm, x, masks))
+        inter = squared_relu(F.linear(h, _take(_take(mlp.linear_fc1.weight, 0, None, f), 1, None, hk)))
+        if masks is not None:
+            r, f_l = ps.get_tensor_model_parallel_rank(), mlp.linear_fc1.weight.shape[0]
+            inter = inter * masks.ffn[k][r * f_l:(r + 1) * f_l]
+        out = F.linear(inter, _take(_take(mlp.linear_fc2.weight, 0, None, hk), 1, None, f))
+        return reduce_from_tensor_model_parallel_region(out)
+
+
+def _causal_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """Depthwise causal conv over the sequence: x [b, s, c], weight [c, w] -> [b, s, c]."""
+    w = weight.shape[-1]
+    out = F.conv1d(F.pad(x.transpose(1, 2), (w - 1, 0)), weight.unsqueeze(1), bias, groups=x.shape[-1])
+    return out.transpose(1, 2)
+
+
+def _mixer_ops():
+    """megatron's mamba_mixer module: its scan is mamba-ssm's triton kernel on GPU, ours on CPU."""
+    import megatron.core.ssm.mamba_mixer as mixer
+
+    return mixer
+
