@@ -46,6 +46,12 @@ class ModelConfig:
     norm_epsilon: float = 1e-5  # RMSNorm eps
     init_method_std: float = 0.02  # std of normal weight init
     max_sequence_length: int = 4096  # longest sequence the model will see (no position embedding)
+    # Per-layer widths of a sliced, heterogeneous model (written by `elastic-megatron slice`); empty =
+    # every layer uses the sizes above. One entry per layer of that type, in pattern order.
+    layer_ffn_hidden_sizes: list[int] = field(default_factory=list)  # per MLP layer
+    layer_mamba_num_heads: list[int] = field(default_factory=list)  # per Mamba layer
+    layer_mamba_head_dims: list[int] = field(default_factory=list)  # per Mamba layer
+    layer_num_attention_heads: list[int] = field(default_factory=list)  # per attention layer
     # Layer implementations: auto (Transformer Engine when CUDA and TE are usable, else local),
     # local (megatron's own layers; runs on CPU), te (Transformer Engine; GPU only).
     backend: str = "auto"
@@ -53,6 +59,25 @@ class ModelConfig:
     @property
     def num_layers(self) -> int:
         return len(self.hybrid_override_pattern)
+
+    def for_layer(self, index: int) -> "ModelConfig":
+        """This config with layer `index`'s own widths (heterogeneous sliced models)."""
+        from dataclasses import replace
+
+        kind = self.hybrid_override_pattern[index]
+        k = self.hybrid_override_pattern[:index].count(kind)
+        pick = lambda values, default: values[k] if values else default  # noqa: E731
+        if kind == "-":
+            return replace(self, ffn_hidden_size=pick(self.layer_ffn_hidden_sizes, self.ffn_hidden_size))
+        if kind == "M":
+            return replace(self, mamba_num_heads=pick(self.layer_mamba_num_heads, self.mamba_num_heads),
+                           mamba_head_dim=pick(self.layer_mamba_head_dims, self.mamba_head_dim))
+        return replace(self, num_attention_heads=pick(self.layer_num_attention_heads, self.num_attention_heads))
+
+    @property
+    def heterogeneous(self) -> bool:
+        return bool(self.layer_ffn_hidden_sizes or self.layer_mamba_num_heads or self.layer_mamba_head_dims
+                    or self.layer_num_attention_heads)
 
 
 @dataclass
@@ -153,6 +178,9 @@ class ElasticConfig:
     importance_batches: int = 8  # calibration micro-batches for importance estimation
     importance_path: str = ""  # saved scores (.pt); empty = <logging.out_dir>/importance.pt
     depth_metric: str = "nmse"  # layer ranking: nmse (iterative normalized MSE of logits) or cosine
+    # TP size the parent was sorted under: FFN neurons are sorted inside each TP shard, so every
+    # shard keeps the same count (0 = parallel.tensor). Train and slice with the same value.
+    sort_tensor_parallel: int = 0
 
 
 @dataclass
@@ -295,6 +323,17 @@ def validate(cfg: RunConfig) -> None:
                  "make_vocab_size_divisible_by", "max_sequence_length"):
         if getattr(m, name) <= 0:
             _fail(f"model.{name}", f"must be > 0, got {getattr(m, name)}")
+    for name, char in (("layer_ffn_hidden_sizes", "-"), ("layer_mamba_num_heads", "M"),
+                       ("layer_mamba_head_dims", "M"), ("layer_num_attention_heads", "*")):
+        values, n = getattr(m, name), m.hybrid_override_pattern.count(char)
+        if values and len(values) != n:
+            _fail(f"model.{name}", f"has {len(values)} entries but the pattern has {n} '{char}' layers")
+        if any(v <= 0 for v in values):
+            _fail(f"model.{name}", f"entries must be > 0, got {values}")
+        if name == "layer_mamba_num_heads" and any(v % m.mamba_num_groups for v in values):
+            _fail(f"model.{name}", f"entries must be multiples of model.mamba_num_groups ({m.mamba_num_groups})")
+        if name == "layer_num_attention_heads" and any(v % m.num_query_groups for v in values):
+            _fail(f"model.{name}", f"entries must be multiples of model.num_query_groups ({m.num_query_groups})")
     if m.vocab_size < 0:
         _fail("model.vocab_size", f"must be >= 0 (0 = from the tokenizer), got {m.vocab_size}")
     if m.num_attention_heads % m.num_query_groups:

@@ -100,10 +100,38 @@ def build_model(cfg: RunConfig, layout: ParallelLayout, vocab_size: int, dtype: 
         share_embeddings_and_output_weights=False,
         position_embedding_type="none",
     )
+    if cfg.model.heterogeneous:
+        _rebuild_heterogeneous_layers(model, cfg, layout, pp_rank)
     if torch.cuda.is_available():
         model.cuda(torch.cuda.current_device())
     init_weights(model, cfg, layout, pp_rank)
     return model
+
+
+def _rebuild_heterogeneous_layers(model: MambaModel, cfg: RunConfig, layout: ParallelLayout, pp_rank: int) -> None:
+    """megatron builds every layer from one TransformerConfig; a sliced model has per-layer widths,
+    so each layer whose widths differ is rebuilt from its own copy of the config."""
+    from dataclasses import replace
+
+    from megatron.core.transformer.spec_utils import build_module
+
+    offset = stage_layer_offset(cfg, layout, pp_rank)
+    spec = model.mamba_stack_spec.submodules
+    base = model.config
+    for i, layer in enumerate(model.decoder.layers):
+        gi = offset + i
+        m = cfg.model.for_layer(gi)
+        kind = cfg.model.hybrid_override_pattern[gi]
+        lc = replace(base, ffn_hidden_size=m.ffn_hidden_size, mamba_num_heads=m.mamba_num_heads,
+                     mamba_head_dim=m.mamba_head_dim, num_attention_heads=m.num_attention_heads)
+        if kind == "M":
+            new = build_module(spec.mamba_layer, config=lc, residual_in_fp32=False, layer_number=gi + 1,
+                               pp_layer_offset=offset, pg_collection=model.pg_collection)
+        elif kind == "*":
+            new = build_module(spec.attention_layer, config=lc, layer_number=i + 1, pg_collection=model.pg_collection)
+        else:
+            new = build_module(spec.mlp_layer, config=lc, layer_number=i + 1, pg_collection=model.pg_collection)
+        model.decoder.layers[i] = new
 
 
 def global_name(local_name: str, layer_offset: int) -> str:
@@ -118,22 +146,29 @@ def init_weights(model: torch.nn.Module, cfg: RunConfig, layout: ParallelLayout,
     tp_rank, tp = ps.get_tensor_model_parallel_rank(), layout.tensor
     for name, param in model.named_parameters():
         gname = global_name(name, offset)
-        full = sharding.init_full(gname, sharding.full_shape(gname, param.shape, tp), cfg.model, cfg.train.seed)
+        full = sharding.init_full(gname, sharding.full_shape(gname, param.shape, tp),
+                                  sharding.layer_config(gname, cfg.model), cfg.train.seed)
         param.copy_(sharding.shard(gname, full, tp_rank, tp, cfg.model))
 
 
 def count_parameters(m: ModelConfig, vocab_size: int) -> int:
-    """Parameters of the whole (TP=1) parent in closed form, from the config alone."""
-    h, counts = m.hidden_size, {c: m.hybrid_override_pattern.count(c) for c in "M*-"}
-    d_inner = m.mamba_num_heads * m.mamba_head_dim
-    conv_dim = d_inner + 2 * m.mamba_num_groups * m.mamba_state_dim
-    mamba = (h  # pre-norm
-             + h * (2 * d_inner + 2 * m.mamba_num_groups * m.mamba_state_dim + m.mamba_num_heads)  # in_proj
-             + conv_dim * 4 + conv_dim  # depthwise conv weight + bias
-             + 3 * m.mamba_num_heads  # A_log, D, dt_bias
-             + d_inner  # gated norm
-             + d_inner * h)  # out_proj
-    q, kv = m.num_attention_heads * m.kv_channels, m.num_query_groups * m.kv_channels
-    attn = h + h * (q + 2 * kv) + q * h
-    mlp = h + 2 * h * m.ffn_hidden_size
-    return counts["M"] * mamba + counts["*"] * attn + counts["-"] * mlp + 2 * vocab_size * h + h
+    """Parameters of the whole (TP=1) model in closed form, from the config alone (per-layer widths too)."""
+    h, n, g = m.hidden_size, m.mamba_state_dim, m.mamba_num_groups
+    total = 2 * vocab_size * h + h  # input and output embeddings, final norm
+    for i, kind in enumerate(m.hybrid_override_pattern):
+        lm = m.for_layer(i)
+        if kind == "M":
+            d_inner, heads = lm.mamba_num_heads * lm.mamba_head_dim, lm.mamba_num_heads
+            conv_dim = d_inner + 2 * g * n
+            total += (h  # pre-norm
+                      + h * (2 * d_inner + 2 * g * n + heads)  # in_proj [z | x | B | C | dt]
+                      + conv_dim * 4 + conv_dim  # depthwise conv weight + bias
+                      + 3 * heads  # A_log, D, dt_bias
+                      + d_inner  # gated norm
+                      + d_inner * h)  # out_proj
+        elif kind == "*":
+            q, kv = lm.num_attention_heads * m.kv_channels, m.num_query_groups * m.kv_channels
+            total += h + h * (q + 2 * kv) + q * h
+        else:
+            total += h + 2 * h * lm.ffn_hidden_size
+    return total

@@ -45,6 +45,12 @@ def split_rule(name: str):
     raise KeyError(f"no tensor-parallel rule for parameter '{name}'; add one to model/sharding.py")
 
 
+def layer_config(name: str, m: ModelConfig) -> ModelConfig:
+    """The widths that apply to parameter `name` (global name): per-layer in sliced models."""
+    match = re.match(r"decoder\.layers\.(\d+)\.", name)
+    return m.for_layer(int(match.group(1))) if match and m.heterogeneous else m
+
+
 def _blocks(kind: str, m: ModelConfig) -> list[int]:
     d_inner = m.mamba_num_heads * m.mamba_head_dim
     bc = m.mamba_num_groups * m.mamba_state_dim
@@ -61,7 +67,7 @@ def shard(name: str, full: torch.Tensor, rank: int, size: int, m: ModelConfig) -
     kind, arg = rule
     if kind == "chunk":
         return full.chunk(size, dim=arg)[rank]
-    parts = full.split(_blocks(arg, m), dim=0)
+    parts = full.split(_blocks(arg, layer_config(name, m)), dim=0)
     return torch.cat([p.chunk(size, dim=0)[rank] for p in parts], dim=0)
 
 
@@ -74,7 +80,7 @@ def unshard(name: str, pieces: list[torch.Tensor], m: ModelConfig) -> torch.Tens
     if kind == "chunk":
         return torch.cat(pieces, dim=arg)
     size = len(pieces)
-    local = [b // size for b in _blocks(arg, m)]
+    local = [b // size for b in _blocks(arg, layer_config(name, m))]
     split = [p.split(local, dim=0) for p in pieces]
     return torch.cat([torch.cat([s[i] for s in split], dim=0) for i in range(len(local))], dim=0)
 
