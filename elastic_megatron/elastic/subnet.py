@@ -190,3 +190,18 @@ def subnet_params(s: Subnet, m: ModelConfig, vocab_size: int) -> int:
             total += h + 2 * h * s.ffn[k]
     return total
 
+
+def nest_family(subnets: list[Subnet]) -> list[Subnet]:
+    """Make a family nested (invariant 3): each subnet, in the given order (largest budget first),
+    is clipped elementwise to the one before it; a layer is kept only if every larger one keeps it.
+    A router-chosen family is nested already when its choices are monotone; this enforces it."""
+    out: list[Subnet] = []
+    for s in subnets:
+        if out:
+            p = out[-1]
+            mn = lambda a, b: tuple(min(x, y) for x, y in zip(a, b))  # noqa: E731
+            s = Subnet(min(s.hidden, p.hidden), mn(s.mamba_heads, p.mamba_heads),
+                       mn(s.mamba_head_dim, p.mamba_head_dim), mn(s.attn_heads, p.attn_heads), mn(s.ffn, p.ffn),
+                       tuple(a and b for a, b in zip(s.keep, p.keep)))
+        out.append(s)
+    return out
