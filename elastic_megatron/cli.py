@@ -43,6 +43,29 @@ def cmd_prepare_data(args) -> int:
     return 0
 
 
+def cmd_importance(args) -> int:
+    cfg = load_config(args.config, args.overrides)
+    from .elastic.jobs import importance_job
+
+    result = importance_job(cfg)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"importance scores: {result['importance']}")
+        print(f"layer order (most important first): {result['layer_order']}")
+        print(f"sorted parent: {result['sorted_checkpoint']} (config {result['config']})")
+    return 0
+
+
+def cmd_slice(args) -> int:
+    cfg = load_config(args.config, args.overrides)
+    from .elastic.jobs import slice_job
+
+    rows = slice_job(cfg, args.budget, args.out, args.router)
+    for r in rows:
+        print(f"{r['budget']:>8}  target {r['target']:>14,.0f}  params {r['params']:>14,}  "
+              f"pattern {r['pattern']}  -> {r['path']}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="elastic-megatron", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -55,6 +78,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", default="char", help="char (built-in) or a Hugging Face tokenizer name/path")
     p.add_argument("--text-key", default="text", help="JSON key holding the document text")
     p.set_defaults(func=cmd_prepare_data)
+    p = sub.add_parser("importance", help="score channels/heads/layers of a parent and write it sorted")
+    _add_config_args(p)
+    p.set_defaults(func=cmd_importance)
+    p = sub.add_parser("slice", help="cut budgets out of a sorted parent into standalone checkpoints")
+    _add_config_args(p)
+    p.add_argument("--budget", action="append", default=[],
+                   help="budget to cut (repeatable): a parameter count like 2.5M / 6B or a fraction like 0.5; "
+                        "default: elastic.budgets")
+    p.add_argument("--out", required=True, help="output directory (one sub-directory per budget)")
+    p.add_argument("--router", default="", help="a saved router (torch.save'd RouterSet); default: fit one to "
+                                                 "the budgets with the budget loss alone")
+    p.set_defaults(func=cmd_slice)
     return parser
 
 

@@ -1,0 +1,201 @@
+"""What elastic execution costs: forward+backward step time at budgets 100/75/50% vs plain megatron-core.
+
+    python benchmarks/elastic_cost.py            # full run (~3-4 min on 2 CPU cores)
+    python benchmarks/elastic_cost.py --quick    # smoke test (a few rounds, small shapes)
+
+For two CPU models in one process (world 1, gloo, fp32) -- the tiny default parent and a medium
+(50-100M parameter) parent -- this times one training step (forward with labels, loss.mean(),
+backward) of four variants:
+
+    plain        megatron-core's own MambaModel forward: model(tokens, position_ids, None, labels=labels)
+    elastic_100  ElasticHybrid(model, cfg, layout)(tokens, position_ids, labels, subnet=Subnet.full)
+    elastic_75   the same under a homogeneous subnet with ~75% of the parent's parameters
+    elastic_50   ... ~50%
+
+Subnets scale hidden, FFN, Mamba heads (multiples of the B/C groups) and attention heads
+(multiples of the KV groups) together and keep every layer; `subnet_params` gives the achieved
+fraction, which is printed. The machine is noisy, so after warm-up the variants run round-robin
+(plain, e100, e75, e50, plain, ...) for --rounds rounds and each variant reports its median.
+Gradients are set to None between steps (outside the timed region). Logs go to stderr; the last
+line on stdout is one JSON object (see docs/performance.md for the keys and a recorded run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import statistics
+import sys
+import time
+
+import torch
+
+from elastic_megatron.config import load_config
+from elastic_megatron.elastic.model import ElasticHybrid
+from elastic_megatron.elastic.subnet import Subnet, check_subnet, homogeneous_subnet, subnet_params
+from elastic_megatron.model.hybrid import build_model, count_parameters
+from elastic_megatron.parallel import ParallelLayout, destroy_distributed, init_distributed
+
+VOCAB = 64
+VARIANTS = ("plain", "elastic_100", "elastic_75", "elastic_50")
+BUDGETS = {"elastic_75": 0.75, "elastic_50": 0.5}
+
+# The medium parent: 12 layers, d_inner = 2 x hidden, GQA 12 heads / 4 KV groups.
+MEDIUM = [
+    "model.hybrid_override_pattern=M-M*-M-M*-M-",
+    "model.hidden_size=768",
+    "model.ffn_hidden_size=4096",
+    "model.mamba_num_heads=24",
+    "model.mamba_head_dim=64",
+    "model.mamba_num_groups=4",
+    "model.num_attention_heads=12",
+    "model.num_query_groups=4",
+    "model.kv_channels=64",
+]
+# (batch, seq) per model; --quick shrinks them.
+SHAPES = {"tiny": (8, 128), "medium": (2, 128)}
+QUICK_SHAPES = {"tiny": (2, 64), "medium": (1, 64)}
+
+
+def log(*args) -> None:
+    print(*args, file=sys.stderr, flush=True)
+
+
+def budget_subnet(m, target: float) -> Subnet:
+    """The homogeneous subnet (all layers kept, full Mamba head dim) whose parameter count is
+    closest to `target` x the parent's. Hidden moves in steps of hidden/24 (rounded to 8 channels),
+    the widths follow one common fraction: Mamba heads in multiples of the groups, attention heads
+    in multiples of the KV groups, FFN in multiples of 64. Ties prefer hidden and width fractions
+    that are close to each other (a balanced shrink)."""
+    full = subnet_params(Subnet.full(m), m, VOCAB)
+    h_step = max(8, (m.hidden_size // 24) // 8 * 8)
+    best = None
+    for h in range(h_step, m.hidden_size + 1, h_step):
+        for w in [i / 64 for i in range(8, 65)]:
+            mh = max(m.mamba_num_groups, round(w * m.mamba_num_heads / m.mamba_num_groups) * m.mamba_num_groups)
+            ah = max(m.num_query_groups,
+                     round(w * m.num_attention_heads / m.num_query_groups) * m.num_query_groups)
+            ffn = max(64, round(w * m.ffn_hidden_size / 64) * 64) if m.ffn_hidden_size >= 128 else m.ffn_hidden_size
+            s = homogeneous_subnet(m, h, mh, m.mamba_head_dim, ah, min(ffn, m.ffn_hidden_size))
+            frac = subnet_params(s, m, VOCAB) / full
+            key = (round(abs(frac - target), 3), abs(h / m.hidden_size - w))
+            if best is None or key < best[0]:
+                best = (key, s)
+    check_subnet(best[1], m)
+    return best[1]
+
+
+def bench_model(name: str, overrides: list[str], rounds: int, warmup: int, quick: bool) -> dict:
+    cfg = load_config(None, overrides)
+    layout = ParallelLayout.resolve(cfg, 1)
+    init_distributed(layout, cfg.train.seed)
+    m = cfg.model
+    params = count_parameters(m, VOCAB)
+    torch.manual_seed(0)
+    model = build_model(cfg, layout, VOCAB, torch.float32).train()
+    assert sum(p.numel() for p in model.parameters()) == params
+    elastic = ElasticHybrid(model, cfg, layout)
+
+    b, s = (QUICK_SHAPES if quick else SHAPES)[name]
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, VOCAB, (b, s), generator=g)
+    labels = torch.randint(0, VOCAB, (b, s), generator=g)
+    pos = torch.arange(s).expand(b, s)
+
+    subnets = {"elastic_100": Subnet.full(m)}
+    subnets.update({v: budget_subnet(m, f) for v, f in BUDGETS.items()})
+    fractions = {v: subnet_params(sn, m, VOCAB) / params for v, sn in subnets.items()}
+    fractions["plain"] = 1.0
+    log(f"[{name}] params {params:,}  batch {b} x seq {s}  threads {torch.get_num_threads()}")
+    for v, sn in subnets.items():
+        log(f"[{name}]   {v}: {fractions[v]:.3f} of params  hidden {sn.hidden}  mamba heads {sn.mamba_heads[0]}"
+            f"  attn heads {sn.attn_heads[0]}  ffn {sn.ffn[0]}")
+
+    def step(variant: str) -> float:
+        model.zero_grad(set_to_none=True)
+        t0 = time.perf_counter()
+        if variant == "plain":
+            loss = model(tokens, pos, None, labels=labels)  # megatron-core's own forward, [b, s]
+        else:
+            loss = elastic(tokens, pos, labels, subnet=subnets[variant])
+        loss.mean().backward()
+        return time.perf_counter() - t0
+
+    for _ in range(warmup):
+        for v in VARIANTS:
+            step(v)
+    times = {v: [] for v in VARIANTS}
+    gc.collect()
+    for r in range(rounds):
+        for v in VARIANTS:
+            times[v].append(step(v))
+        if (r + 1) % max(1, rounds // 4) == 0:
+            log(f"[{name}]   round {r + 1}/{rounds}: " + "  ".join(f"{v} {statistics.median(t) * 1e3:.1f}"
+                                                             for v, t in times.items()))
+    model.zero_grad(set_to_none=True)
+    med = {v: statistics.median(t) * 1e3 for v, t in times.items()}
+    q = {v: statistics.quantiles(t, n=4) if len(t) >= 2 else [t[0]] * 3 for v, t in times.items()}
+    del model, elastic
+    gc.collect()
+    return {
+        "params": params,
+        "batch": b,
+        "seq": s,
+        "median_ms": med,
+        "iqr_ms": {v: [round(q[v][0] * 1e3, 2), round(q[v][2] * 1e3, 2)] for v in VARIANTS},
+        "fraction": fractions,
+        "subnets": {v: {"hidden": sn.hidden, "mamba_heads": sn.mamba_heads[0], "attn_heads": sn.attn_heads[0],
+                        "ffn": sn.ffn[0], "layers": sum(sn.keep)} for v, sn in subnets.items()},
+        "ratio_50_vs_100": med["elastic_50"] / med["elastic_100"],
+        "ratio_75_vs_100": med["elastic_75"] / med["elastic_100"],
+        "ratio_elastic_vs_plain": med["elastic_100"] / med["plain"],
+    }
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--rounds", type=int, default=None, help="timed round-robin rounds (default 25 tiny / 15 medium)")
+    ap.add_argument("--warmup", type=int, default=2, help="untimed rounds first (default 2)")
+    ap.add_argument("--quick", action="store_true", help="smoke test: 3 rounds, 1 warm-up, small shapes")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.rounds, args.warmup = args.rounds or 3, min(args.warmup, 1)
+    rounds = {"tiny": args.rounds or 25, "medium": args.rounds or 15}
+
+    t0 = time.perf_counter()
+    res = {}
+    try:
+        res["tiny"] = bench_model("tiny", [], rounds["tiny"], args.warmup, args.quick)
+        res["medium"] = bench_model("medium", MEDIUM, rounds["medium"], args.warmup, args.quick)
+    finally:
+        destroy_distributed()
+    t, md = res["tiny"], res["medium"]
+    r3 = lambda x: round(x, 3)  # noqa: E731
+    out = {
+        "ratio_50_vs_100": r3(md["ratio_50_vs_100"]),
+        "ratio_75_vs_100": r3(md["ratio_75_vs_100"]),
+        "ratio_elastic_vs_plain": r3(md["ratio_elastic_vs_plain"]),
+        "tiny_ratio_50_vs_100": r3(t["ratio_50_vs_100"]),
+        "tiny_ratio_75_vs_100": r3(t["ratio_75_vs_100"]),
+        "tiny_ratio_elastic_vs_plain": r3(t["ratio_elastic_vs_plain"]),
+        "medium_params": md["params"],
+        "tiny_params": t["params"],
+        "timings_ms": {k: {v: round(x, 2) for v, x in r["median_ms"].items()} for k, r in res.items()},
+        "iqr_ms": {k: r["iqr_ms"] for k, r in res.items()},
+        "fractions": {k: {v: r3(x) for v, x in r["fraction"].items()} for k, r in res.items()},
+        "subnets": {k: r["subnets"] for k, r in res.items()},
+        "shapes": {k: {"batch": r["batch"], "seq": r["seq"]} for k, r in res.items()},
+        "rounds": rounds,
+        "threads": torch.get_num_threads(),
+        "quick": bool(args.quick),
+        "targets_met": {"ratio_50_vs_100<=0.60": md["ratio_50_vs_100"] <= 0.60,
+                        "ratio_elastic_vs_plain<=1.05": md["ratio_elastic_vs_plain"] <= 1.05},
+        "wall_s": round(time.perf_counter() - t0, 1),
+    }
+    print(json.dumps(out), flush=True)
+    return out
+
+
+if __name__ == "__main__":
+    main()

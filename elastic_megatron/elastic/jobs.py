@@ -1,0 +1,136 @@
+"""The elastic command-line jobs: `importance` (score + sort a parent) and `slice` (cut budgets out).
+
+    elastic-megatron importance --config C checkpoint.load=runs/tiny/checkpoints/iter_0000200
+        -> <out_dir>/importance.pt, <out_dir>/sorted/{config.yaml, checkpoints/}
+    elastic-megatron slice --config C checkpoint.load=<sorted ckpt> --budget 0.5 --budget 2.5M --out DIR
+        -> DIR/<budget>/{config.yaml, subnet.json, checkpoints/} and DIR/slices.json
+
+Both run under torchrun like `train` (importance under any TP x PP x DP; slice in one process,
+since dist checkpoints load under any layout).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from ..config import RunConfig, to_yaml
+from ..data.build import build_datasets
+from ..data.tokenizer import load_tokenizer
+from ..model.hybrid import build_model, count_parameters, padded_vocab_size
+from ..parallel import ParallelLayout, destroy_distributed, init_distributed
+from ..train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from ..train.loop import run_dtype
+
+
+def _parent(cfg: RunConfig, world: int):
+    layout = ParallelLayout.resolve(cfg, world)
+    init_distributed(layout, cfg.train.seed)
+    tok = load_tokenizer(cfg.data.tokenizer)
+    vocab = padded_vocab_size(cfg.model, tok.vocab_size, layout.tensor)
+    model = build_model(cfg, layout, vocab, run_dtype(cfg.train.precision))
+    if cfg.checkpoint.load:
+        load_checkpoint(_resolve_ckpt(cfg.checkpoint.load), model)
+    return layout, tok, vocab, model
+
+
+def _resolve_ckpt(path: str) -> Path:
+    """A checkpoint dir, or a run/checkpoints dir whose `latest` names one."""
+    p = Path(path)
+    for root in (p, p / "checkpoints"):
+        found = latest_checkpoint(root)
+        if found is not None:
+            return found
+    return p
+
+
+def importance_job(cfg: RunConfig) -> dict:
+    """Estimate importance on calibration batches, save the scores, write the sorted parent."""
+    from .importance import ImportanceScores, calibration_batches, estimate_importance
+    from .sorting import sort_parent
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    layout, tok, vocab, model = _parent(cfg, world)
+    try:
+        out = Path(cfg.logging.out_dir)
+        path = Path(cfg.elastic.importance_path or out / "importance.pt")
+        if path.exists():
+            scores = ImportanceScores.load(path)  # saved scores are reused
+        else:
+            train_ds, _ = build_datasets(cfg, tok, num_train=cfg.elastic.importance_batches * cfg.train.micro_batch_size)
+            model.eval()
+            scores = estimate_importance(model, calibration_batches(train_ds, cfg, layout), cfg, layout)
+            if dist.get_rank() == 0:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                scores.save(path)
+        sort_parent(model, scores, cfg.model, layout)
+        sorted_cfg = replace(cfg, elastic=replace(cfg.elastic, sort_tensor_parallel=layout.tensor,
+                                                  importance_path=str(path)))
+        sorted_dir = out / "sorted"
+        if dist.get_rank() == 0:
+            sorted_dir.mkdir(parents=True, exist_ok=True)
+            (sorted_dir / "config.yaml").write_text(to_yaml(sorted_cfg))
+        ckpt = save_checkpoint(sorted_dir / "checkpoints", 0, model, None, {"step": 0, "sorted": True})
+        return {"importance": str(path), "sorted_checkpoint": str(ckpt), "layer_order": scores.layer_order,
+                "config": str(sorted_dir / "config.yaml")}
+    finally:
+        destroy_distributed()
+
+
+def fit_router(cfg: RunConfig, vocab: int, layer_order, steps: int = 600):
+    """A router trained on the budget loss alone (for slicing a parent that had no router training)."""
+    from .router import build_router, router_optimizer
+
+    router = build_router(cfg, vocab, layer_order=layer_order, tp=cfg.elastic.sort_tensor_parallel or 1)
+    opt = router_optimizer(router, cfg.router)
+    for step in range(steps):
+        for b in range(len(router.targets)):
+            opt.zero_grad()
+            router(b, step=step, total_steps=steps, seed=cfg.train.seed).budget_loss.backward()
+            opt.step()
+    return router
+
+
+def slice_job(cfg: RunConfig, budgets: list[str], out_dir: str, router_path: str = "") -> list[dict]:
+    """Cut each budget out of the sorted parent in `checkpoint.load` into a standalone checkpoint."""
+    from .importance import ImportanceScores
+    from .slicing import gather_full_state, load_full_state, slice_state, sliced_model_config, write_standalone
+    from .subnet import nest_family, subnet_params
+
+    if budgets:
+        cfg = replace(cfg, elastic=replace(cfg.elastic, budgets=list(budgets)))
+    single = replace(cfg, parallel=replace(cfg.parallel, tensor=1, pipeline=1, data=1))
+    layout, tok, vocab, parent = _parent(single, 1)
+    try:
+        order = None
+        if cfg.elastic.importance_path and Path(cfg.elastic.importance_path).exists():
+            order = ImportanceScores.load(cfg.elastic.importance_path).layer_order
+        if router_path:
+            router = torch.load(router_path, weights_only=False)
+        else:
+            router = fit_router(cfg, vocab, order)
+        family = nest_family([router.inference(b) for b in range(len(router.targets))])
+        full = gather_full_state(parent, single, layout)
+        sort_tp = cfg.elastic.sort_tensor_parallel or 1
+        rows = []
+        for text, target, subnet in zip(cfg.elastic.budgets, router.targets, family):
+            small_cfg = replace(single, model=sliced_model_config(cfg.model, subnet))
+            small = build_model(small_cfg, ParallelLayout.resolve(small_cfg, 1), vocab, torch.float32)
+            load_full_state(small, slice_state(full, cfg.model, subnet, sort_tp), small_cfg, layout)
+            params = count_parameters(small_cfg.model, vocab)
+            assert params == subnet_params(subnet, cfg.model, vocab)
+            name = "budget_" + text.replace(".", "p")
+            path = write_standalone(Path(out_dir) / name, small_cfg, small, subnet,
+                                    {"budget": text, "target": target, "params": params})
+            rows.append({"budget": text, "target": target, "params": params, "path": str(path),
+                         "pattern": small_cfg.model.hybrid_override_pattern, "subnet": subnet.to_dict()})
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        (Path(out_dir) / "slices.json").write_text(json.dumps(rows, indent=1))
+        return rows
+    finally:
+        destroy_distributed()
