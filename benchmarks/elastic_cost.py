@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import statistics
 import sys
 import time
@@ -62,28 +63,27 @@ def log(*args) -> None:
     print(*args, file=sys.stderr, flush=True)
 
 
-def budget_subnet(m, target: float) -> Subnet:
-    """The homogeneous subnet (all layers kept, full Mamba head dim) whose parameter count is
-    closest to `target` x the parent's. Hidden moves in steps of hidden/24 (rounded to 8 channels),
-    the widths follow one common fraction: Mamba heads in multiples of the groups, attention heads
-    in multiples of the KV groups, FFN in multiples of 64. Ties prefer hidden and width fractions
-    that are close to each other (a balanced shrink)."""
+def budget_subnet(m, target: float, tol: float = 0.01) -> Subnet:
+    """A homogeneous subnet (all layers kept, full Mamba head dim) with about `target` x the parent's
+    parameters. Hidden moves in steps of hidden/24 (rounded to 8 channels); the widths follow one
+    common fraction w: Mamba heads in multiples of the B/C groups, attention heads in multiples of
+    the KV groups, FFN in multiples of 64. Among the candidates within `tol` of the target, the most
+    balanced one (hidden fraction closest to w) wins; if none is that close, the nearest."""
     full = subnet_params(Subnet.full(m), m, VOCAB)
     h_step = max(8, (m.hidden_size // 24) // 8 * 8)
-    best = None
+    cands = []
     for h in range(h_step, m.hidden_size + 1, h_step):
         for w in [i / 64 for i in range(8, 65)]:
             mh = max(m.mamba_num_groups, round(w * m.mamba_num_heads / m.mamba_num_groups) * m.mamba_num_groups)
             ah = max(m.num_query_groups,
                      round(w * m.num_attention_heads / m.num_query_groups) * m.num_query_groups)
-            ffn = max(64, round(w * m.ffn_hidden_size / 64) * 64) if m.ffn_hidden_size >= 128 else m.ffn_hidden_size
-            s = homogeneous_subnet(m, h, mh, m.mamba_head_dim, ah, min(ffn, m.ffn_hidden_size))
-            frac = subnet_params(s, m, VOCAB) / full
-            key = (round(abs(frac - target), 3), abs(h / m.hidden_size - w))
-            if best is None or key < best[0]:
-                best = (key, s)
-    check_subnet(best[1], m)
-    return best[1]
+            ffn = min(m.ffn_hidden_size, max(64, round(w * m.ffn_hidden_size / 64) * 64))
+            s = homogeneous_subnet(m, h, mh, m.mamba_head_dim, ah, ffn)
+            err = abs(subnet_params(s, m, VOCAB) / full - target)
+            cands.append((err > tol, abs(h / m.hidden_size - w) if err <= tol else err, err, s))
+    best = min(cands, key=lambda c: c[:3])[3]
+    check_subnet(best, m)
+    return best
 
 
 def bench_model(name: str, overrides: list[str], rounds: int, warmup: int, quick: bool) -> dict:
@@ -112,29 +112,33 @@ def bench_model(name: str, overrides: list[str], rounds: int, warmup: int, quick
         log(f"[{name}]   {v}: {fractions[v]:.3f} of params  hidden {sn.hidden}  mamba heads {sn.mamba_heads[0]}"
             f"  attn heads {sn.attn_heads[0]}  ffn {sn.ffn[0]}")
 
-    def step(variant: str) -> float:
+    def step(variant: str) -> tuple[float, float]:
         model.zero_grad(set_to_none=True)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         if variant == "plain":
             loss = model(tokens, pos, None, labels=labels)  # megatron-core's own forward, [b, s]
         else:
             loss = elastic(tokens, pos, labels, subnet=subnets[variant])
         loss.mean().backward()
-        return time.perf_counter() - t0
+        return time.perf_counter() - t0, time.process_time() - c0
 
     for _ in range(warmup):
         for v in VARIANTS:
             step(v)
-    times = {v: [] for v in VARIANTS}
+    times = {v: [] for v in VARIANTS}  # wall seconds
+    cpu = {v: [] for v in VARIANTS}  # process CPU seconds (all threads)
     gc.collect()
     for r in range(rounds):
         for v in VARIANTS:
-            times[v].append(step(v))
+            wall, c = step(v)
+            times[v].append(wall)
+            cpu[v].append(c)
         if (r + 1) % max(1, rounds // 4) == 0:
             log(f"[{name}]   round {r + 1}/{rounds}: " + "  ".join(f"{v} {statistics.median(t) * 1e3:.1f}"
                                                              for v, t in times.items()))
     model.zero_grad(set_to_none=True)
     med = {v: statistics.median(t) * 1e3 for v, t in times.items()}
+    cpu_med = {v: statistics.median(t) * 1e3 for v, t in cpu.items()}
     q = {v: statistics.quantiles(t, n=4) if len(t) >= 2 else [t[0]] * 3 for v, t in times.items()}
     del model, elastic
     gc.collect()
@@ -143,7 +147,11 @@ def bench_model(name: str, overrides: list[str], rounds: int, warmup: int, quick
         "batch": b,
         "seq": s,
         "median_ms": med,
+        "cpu_median_ms": cpu_med,
+        "cpu_ratio_50_vs_100": cpu_med["elastic_50"] / cpu_med["elastic_100"],
+        "cpu_ratio_elastic_vs_plain": cpu_med["elastic_100"] / cpu_med["plain"],
         "iqr_ms": {v: [round(q[v][0] * 1e3, 2), round(q[v][2] * 1e3, 2)] for v in VARIANTS},
+        "min_ms": {v: round(min(t) * 1e3, 2) for v, t in times.items()},
         "fraction": fractions,
         "subnets": {v: {"hidden": sn.hidden, "mamba_heads": sn.mamba_heads[0], "attn_heads": sn.attn_heads[0],
                         "ffn": sn.ffn[0], "layers": sum(sn.keep)} for v, sn in subnets.items()},
@@ -163,7 +171,7 @@ def main(argv=None) -> dict:
         args.rounds, args.warmup = args.rounds or 3, min(args.warmup, 1)
     rounds = {"tiny": args.rounds or 25, "medium": args.rounds or 15}
 
-    t0 = time.perf_counter()
+    t0, load0 = time.perf_counter(), os.getloadavg()[0]
     res = {}
     try:
         res["tiny"] = bench_model("tiny", [], rounds["tiny"], args.warmup, args.quick)
@@ -182,7 +190,13 @@ def main(argv=None) -> dict:
         "medium_params": md["params"],
         "tiny_params": t["params"],
         "timings_ms": {k: {v: round(x, 2) for v, x in r["median_ms"].items()} for k, r in res.items()},
-        "iqr_ms": {k: r["iqr_ms"] for k, r in res.items()},
+        "iqr_ms": {k: r["iqr_ms"] for k, r in res.items()},  # [p25, p75] of the wall times
+        "min_ms": {k: r["min_ms"] for k, r in res.items()},  # fastest round: least disturbed by other jobs
+        # Process CPU time per step (both threads): less sensitive to other jobs on the machine.
+        "cpu_ms": {k: {v: round(x, 2) for v, x in r["cpu_median_ms"].items()} for k, r in res.items()},
+        "cpu_ratios": {k: {"ratio_50_vs_100": r3(r["cpu_ratio_50_vs_100"]),
+                           "ratio_elastic_vs_plain": r3(r["cpu_ratio_elastic_vs_plain"])} for k, r in res.items()},
+        "load_avg_1m": [round(load0, 2), round(os.getloadavg()[0], 2)],  # start, end (2 cores)
         "fractions": {k: {v: r3(x) for v, x in r["fraction"].items()} for k, r in res.items()},
         "subnets": {k: r["subnets"] for k, r in res.items()},
         "shapes": {k: {"batch": r["batch"], "seq": r["seq"]} for k, r in res.items()},

@@ -79,7 +79,8 @@ def calibration_batches(dataset, cfg: RunConfig, layout: ParallelLayout) -> list
 
     mbs, dp = cfg.train.micro_batch_size, layout.data
     n = max(1, cfg.elastic.importance_batches // dp)
-    return list(StepBatches(dataset, 0, n, mbs, n * mbs * dp, ps.get_data_parallel_rank()))
+    it = StepBatches(dataset, 0, n, mbs, n * mbs * dp, ps.get_data_parallel_rank())  # endless iterator
+    return [next(it) for _ in range(n)]
 
 
 # ----------------------------------------------------------------------------- helpers
