@@ -201,6 +201,41 @@ class RouterConfig:
 
 
 @dataclass
+class StageConfig:
+    """One curriculum stage of elastic training."""
+
+    name: str = "stage"
+    steps: int = 100  # optimizer steps in this stage
+    seq_length: int = 0  # tokens per sample; 0 = data.seq_length
+    global_batch_size: int = 0  # 0 = train.global_batch_size
+    micro_batch_size: int = 0  # 0 = train.micro_batch_size (long contexts want smaller micro-batches)
+    # Probability of each budget in elastic.budgets (same order); empty = uniform.
+    budget_probs: list[float] = field(default_factory=list)
+    # Synthetic data difficulty in this stage (written-out steps per problem); 0 = data.min/max_steps.
+    min_steps: int = 0
+    max_steps: int = 0
+
+
+def _default_curriculum() -> list:
+    # The paper: stage 1 short context with uniform budgets; stage 2 ~6x longer context weighted
+    # 0.5 / 0.3 / 0.2 from the largest budget to the smallest.
+    return [StageConfig(name="short", steps=150),
+            StageConfig(name="long", steps=50, seq_length=768, global_batch_size=8, micro_batch_size=2,
+                        budget_probs=[0.5, 0.3, 0.2],
+                        min_steps=8, max_steps=12)]
+
+
+@dataclass
+class DistillConfig:
+    """Knowledge distillation from a frozen teacher during elastic training."""
+
+    teacher: str = ""  # teacher checkpoint; empty = the parent being elastified (checkpoint.load)
+    temperature: float = 1.0  # softmax temperature of the KD loss (the loss is scaled by T^2)
+    kd_weight: float = 1.0  # weight of KL(teacher || student)
+    ce_weight: float = 0.0  # weight of the plain next-token cross entropy
+
+
+@dataclass
 class RunConfig:
     """The whole tree."""
 
@@ -212,6 +247,8 @@ class RunConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     elastic: ElasticConfig = field(default_factory=ElasticConfig)
     router: RouterConfig = field(default_factory=RouterConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    curriculum: list[StageConfig] = field(default_factory=_default_curriculum)
 
 
 # --------------------------------------------------------------------------- loading
@@ -265,7 +302,9 @@ def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = Non
         for item in overrides or []:
             if "=" not in item:
                 raise ConfigError(f"override '{item}': expected key=value, e.g. train.lr=1e-3")
-            base = OmegaConf.merge(base, OmegaConf.from_dotlist([item]))
+            key, value = item.split("=", 1)
+            # update (not merge of a dotlist) so that list items work: curriculum.1.steps=50
+            OmegaConf.update(base, key, yaml.safe_load(value) if value else "", merge=True)
         cfg: RunConfig = OmegaConf.to_object(base)  # type: ignore[assignment]
     except OmegaConfBaseException as exc:
         raise ConfigError(_one_line(exc)) from None
@@ -425,7 +464,29 @@ def parse_budget(text: str) -> float | int:
 
 
 def _validate_elastic(cfg: RunConfig) -> None:
-    e, r = cfg.elastic, cfg.router
+    e, r, d = cfg.elastic, cfg.router, cfg.distill
+    if d.temperature <= 0 or d.kd_weight < 0 or d.ce_weight < 0 or d.kd_weight + d.ce_weight == 0:
+        _fail("distill.temperature", "need temperature > 0, kd_weight >= 0, ce_weight >= 0 and one weight > 0")
+    if not cfg.curriculum:
+        _fail("curriculum", "needs at least one stage")
+    for i, st in enumerate(cfg.curriculum):
+        key = f"curriculum.{i}"
+        if st.steps <= 0:
+            _fail(f"{key}.steps", f"must be > 0, got {st.steps}")
+        if st.seq_length < 0 or st.seq_length > cfg.model.max_sequence_length:
+            _fail(f"{key}.seq_length", f"must be in [0, model.max_sequence_length], got {st.seq_length}")
+        if st.global_batch_size < 0:
+            _fail(f"{key}.global_batch_size", f"must be >= 0, got {st.global_batch_size}")
+        gbs = st.global_batch_size or cfg.train.global_batch_size
+        mbs = st.micro_batch_size or cfg.train.micro_batch_size
+        if st.micro_batch_size < 0 or gbs % mbs:
+            _fail(f"{key}.global_batch_size", f"{gbs} must be a multiple of the micro-batch size {mbs}")
+        if st.budget_probs and (len(st.budget_probs) != len(e.budgets) or any(p < 0 for p in st.budget_probs)
+                                or abs(sum(st.budget_probs) - 1) > 1e-6):
+            _fail(f"{key}.budget_probs", f"{st.budget_probs} must be {len(e.budgets)} non-negative numbers "
+                                         "summing to 1 (one per elastic.budgets)")
+        if (st.min_steps or st.max_steps) and not 1 <= st.min_steps <= st.max_steps:
+            _fail(f"{key}.min_steps", f"need 1 <= min_steps <= max_steps, got {st.min_steps}, {st.max_steps}")
     if not e.budgets:
         _fail("elastic.budgets", "needs at least one budget")
     for b in e.budgets:

@@ -192,116 +192,121 @@ def run_forward(model: torch.nn.Module, batches: list[dict], on_logits: Callable
 @torch.no_grad()
 def estimate_importance(model: torch.nn.Module, batches: list[dict], cfg: RunConfig, layout: ParallelLayout,
                         mamba_top_head_dim: Optional[int] = None) -> ImportanceScores:
-    """Scores for every axis of this (possibly TP x PP x DP) parent; identical on every rank."""
+    """Scores for every axis of this (possibly TP x PP x DP) parent; identical on every rank.
+
+    `batches`: this DP rank's calibration micro-batches (dicts with tokens / position_ids, see
+    `calibration_batches`). mamba_top_head_dim: channels the Mamba head score uses (None = all).
+    """
     m, inner, batches = cfg.model, _unwrap(model), list(batches)
     if inner.config.sequence_parallel:
         raise NotImplementedError("importance estimation does not support sequence parallelism")
-    dev = next(inner.parameters()).device
-    pattern, L = m.hybrid_override_pattern, m.num_layers
-    slots, offset = layer_slots(pattern), _stage_offset(m, layout)
-    local_layers = inner.decoder.layers
-    owned = range(offset, offset + len(local_layers))
+    dev, L, offset = next(inner.parameters()).device, m.num_layers, _stage_offset(m, layout)
+    cosine = cfg.elastic.depth_metric == "cosine"
     acc: dict[tuple, torch.Tensor] = {}
-    cos_sum, cos_n = torch.zeros(L, device=dev, dtype=torch.float64), torch.zeros(L, device=dev, dtype=torch.float64)
-
-    def add(key, value):
-        acc[key] = acc[key] + value if key in acc else value
-
-    hooks = []
-    for li, layer in enumerate(local_layers):
-        i = offset + li
-        kind, k = slots[i]
-        for slot, mod, fused in _norms(layer):
-            if fused:
-                hooks.append(mod.register_forward_pre_hook(
-                    lambda _m, a, key=("hid", i, slot): add(key, _stat(_fused_norm(_m, a[0])))))
-            else:
-                hooks.append(mod.register_forward_hook(lambda _m, a, out, key=("hid", i, slot): add(key, _stat(out))))
-        if kind == "M":
-            mixer = layer.mixer
-            d_loc = mixer.d_inner_local_tp
-
-            def x_hook(_m, a, out, key=("mamba", k), d_loc=d_loc):  # out[0]: [s, b, z|x|B|C|dt local]
-                add(key, _stat(out[0][..., d_loc:2 * d_loc]))
-            hooks.append(mixer.in_proj.register_forward_hook(x_hook))
-        elif kind == "*":
-            hooks.append(layer.self_attention.linear_proj.register_forward_pre_hook(
-                lambda _m, a, key=("attn", k): add(key, _stat(a[0]))))
-        else:
-            hooks.append(layer.mlp.linear_fc2.register_forward_pre_hook(
-                lambda _m, a, key=("ffn", k): add(key, _stat(a[0]))))
-        if cfg.elastic.depth_metric == "cosine":
-            def cos_hook(_m, args, kwargs, out, i=i):
-                x = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-                y = out[0] if isinstance(out, tuple) else out
-                c = F.cosine_similarity(x.float(), y.float(), dim=-1)  # [s, b]
-                cos_sum[i] += (1 - c).double().sum()
-                cos_n[i] += c.numel()
-            hooks.append(layer.register_forward_hook(cos_hook, with_kwargs=True))
-    if ps.is_pipeline_last_stage() and inner.post_process:
-        hooks.append(inner.decoder.final_norm.register_forward_hook(
-            lambda _m, a, out: add(("hid", L, 0), _stat(out))))
-
+    cos = torch.zeros(2, L, device=dev, dtype=torch.float64)  # [sum of 1 - cos, tokens] per layer
+    hooks = _register_hooks(inner, m, offset, acc, cos if cosine else None)
     full_logits: dict[int, torch.Tensor] = {}
-    keep_logits = cfg.elastic.depth_metric == "nmse"
     was_training = model.training
     model.eval()
     try:
-        run_forward(model, batches, lambda i, lg: full_logits.__setitem__(i, lg.float().clone()) if keep_logits else None)
-    finally:
-        for h in hooks:
-            h.remove()
-
-    # Global stats: TP shards gathered on the owning stage, zeros elsewhere, then summed over PP and DP.
-    tp = ps.get_tensor_model_parallel_world_size()
-    d_inner, nh, kv = m.mamba_num_heads * m.mamba_head_dim, m.num_attention_heads, m.kv_channels
-    entries = []  # (key, global size, split over TP, owned here)
-    for i, (kind, k) in enumerate(slots):
-        entries += [(("hid", i, 0), m.hidden_size, False, i in owned), (("hid", i, 1), m.hidden_size, False, i in owned)]
-        size = {"M": d_inner, "*": nh * kv, "-": m.ffn_hidden_size}[kind]
-        entries.append((({"M": "mamba", "*": "attn", "-": "ffn"}[kind], k), size, True, i in owned))
-    entries.append((("hid", L, 0), m.hidden_size, False, bool(ps.is_pipeline_last_stage() and inner.post_process)))
-    flat = []
-    for key, size, split, here in entries:
-        local = acc.get(key)
-        if here and split:
-            local = local.reshape(-1) if local is not None else torch.zeros(size // tp, device=dev)
-            flat.append(_tp_gather(local))
-        elif here and local is not None:
-            flat.append(local.reshape(-1))
+        try:
+            keep = lambda i, lg: None if cosine else full_logits.__setitem__(i, lg.float().clone())  # noqa: E731
+            run_forward(model, batches, keep)
+        finally:
+            for h in hooks:
+                h.remove()
+        score = {key: v.sqrt().cpu() for key, v in _global_stats(acc, m, inner, offset, dev).items()}
+        if cosine:
+            _all_reduce(cos, ps.get_pipeline_model_parallel_group(), ps.get_data_parallel_group())
+            layer_scores = (cos[0] / cos[1].clamp(min=1)).cpu().tolist()
+            order = sorted(range(L), key=lambda j: -layer_scores[j])
         else:
-            flat.append(torch.zeros(size, device=dev))
-    flat = torch.cat(flat + [cos_sum.float(), cos_n.float()])
-    _all_reduce(flat, ps.get_pipeline_model_parallel_group(), ps.get_data_parallel_group())
-    parts = dict(zip([e[0] for e in entries], flat[:-2 * L].split([e[1] for e in entries])))
-    score = {key: v.sqrt().cpu() for key, v in parts.items()}
+            order, layer_scores = _nmse_order(model, batches, full_logits, L, offset, dev)
+    finally:
+        model.train(was_training)
 
-    hidden = sum(score[("hid", i, s)] for i in range(L) for s in (0, 1)) + score[("hid", L, 0)]
+    pattern, nh, kv = m.hybrid_override_pattern, m.num_attention_heads, m.kv_channels
+    hidden = sum(v for key, v in score.items() if key[0] == "hid")
     mamba_heads, mamba_head_dim = [], []
     for k in range(pattern.count("M")):
         s = score[("mamba", k)].view(m.mamba_num_heads, m.mamba_head_dim)  # [H, P]
-        dim_score = s.norm(dim=0)  # [P]
+        dim_score = s.norm(dim=0)  # [P]: L2 over heads
         top = dim_score.argsort(descending=True, stable=True)[: mamba_top_head_dim or m.mamba_head_dim]
         mamba_head_dim.append(dim_score)
-        mamba_heads.append(s[:, top].norm(dim=1))  # [H]
-    attn = [score[("attn", k)].view(nh, kv).norm(dim=1) for k in range(pattern.count("*"))]
+        mamba_heads.append(s[:, top].norm(dim=1))  # [H]: L2 over the top channels
+    attn = [score[("attn", k)].view(nh, kv).norm(dim=1) for k in range(pattern.count("*"))]  # [heads]
     ffn = [score[("ffn", k)] for k in range(pattern.count("-"))]
-
-    if cfg.elastic.depth_metric == "cosine":
-        c_sum, c_n = flat[-2 * L: -L].double().cpu(), flat[-L:].double().cpu()
-        layer_scores = (c_sum / c_n.clamp(min=1)).tolist()
-        order = sorted(range(L), key=lambda j: -layer_scores[j])
-    else:
-        order, layer_scores = _nmse_order(model, batches, full_logits, L, offset, dev)
-    if was_training:
-        model.train()
     return ImportanceScores(hidden, ffn, attn, mamba_head_dim, mamba_heads, order, layer_scores,
                             cfg.elastic.depth_metric)
 
 
+def _register_hooks(inner, m: ModelConfig, offset: int, acc: dict, cos: Optional[torch.Tensor]) -> list:
+    """Hooks that add `_stat` of each activation into acc[key]; keys use global layer indices."""
+    def add(key, value):
+        acc[key] = acc[key] + value if key in acc else value
+
+    slots, hooks = layer_slots(m.hybrid_override_pattern), []
+    for i, layer in enumerate(inner.decoder.layers, start=offset):
+        kind, k = slots[i]
+        for slot, mod, fused in _norms(layer):
+            if fused:
+                hooks.append(mod.register_forward_pre_hook(
+                    lambda mod, a, key=("hid", i, slot): add(key, _stat(_fused_norm(mod, a[0])))))
+            else:
+                hooks.append(mod.register_forward_hook(lambda mod, a, out, key=("hid", i, slot): add(key, _stat(out))))
+        if kind == "M":
+            d = layer.mixer.d_inner_local_tp  # out[0]: [s, b, z | x | B | C | dt] of this rank
+            hooks.append(layer.mixer.in_proj.register_forward_hook(
+                lambda mod, a, out, key=("mamba", k), d=d: add(key, _stat(out[0][..., d:2 * d]))))
+        elif kind == "*":  # linear_proj input: [s, b, heads/tp * kv]
+            hooks.append(layer.self_attention.linear_proj.register_forward_pre_hook(
+                lambda mod, a, key=("attn", k): add(key, _stat(a[0]))))
+        else:  # linear_fc2 input: [s, b, ffn/tp]
+            hooks.append(layer.mlp.linear_fc2.register_forward_pre_hook(
+                lambda mod, a, key=("ffn", k): add(key, _stat(a[0]))))
+        if cos is not None:
+            def cos_hook(mod, args, kwargs, out, i=i):
+                x = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+                y = out[0] if isinstance(out, tuple) else out
+                c = F.cosine_similarity(x.float(), y.float(), dim=-1)  # [s, b]
+                cos[0, i] += (1 - c).double().sum()
+                cos[1, i] += c.numel()
+            hooks.append(layer.register_forward_hook(cos_hook, with_kwargs=True))
+    if inner.post_process:
+        hooks.append(inner.decoder.final_norm.register_forward_hook(
+            lambda mod, a, out: add(("hid", m.num_layers, 0), _stat(out))))
+    return hooks
+
+
+def _global_stats(acc: dict, m: ModelConfig, inner, offset: int, dev) -> dict[tuple, torch.Tensor]:
+    """Every key's stat for the whole model (TP=1 order), on every rank: TP shards gathered on the
+    stage that owns the layer, zeros on the other stages, then one sum over PP and DP."""
+    tp, L = ps.get_tensor_model_parallel_world_size(), m.num_layers
+    owned = range(offset, offset + len(inner.decoder.layers))
+    sizes = {"mamba": m.mamba_num_heads * m.mamba_head_dim, "attn": m.num_attention_heads * m.kv_channels,
+             "ffn": m.ffn_hidden_size}
+    entries = []  # (key, global size, split over TP, held by this stage)
+    for i, (kind, k) in enumerate(layer_slots(m.hybrid_override_pattern)):
+        name = {"M": "mamba", "*": "attn", "-": "ffn"}[kind]
+        here = i in owned
+        entries += [(("hid", i, 0), m.hidden_size, False, here), (("hid", i, 1), m.hidden_size, False, here),
+                    ((name, k), sizes[name], True, here)]
+    entries.append((("hid", L, 0), m.hidden_size, False, bool(inner.post_process)))
+    flat = []
+    for key, size, split, here in entries:
+        local = acc.get(key)
+        if here and split:  # every TP rank of the stage takes part, with zeros if a hook never fired
+            flat.append(_tp_gather(local.reshape(-1) if local is not None else torch.zeros(size // tp, device=dev)))
+        else:
+            flat.append(local.reshape(-1) if here and local is not None else torch.zeros(size, device=dev))
+    flat = _all_reduce(torch.cat(flat), ps.get_pipeline_model_parallel_group(), ps.get_data_parallel_group())
+    return dict(zip([e[0] for e in entries], flat.split([e[1] for e in entries])))
+
+
 def _nmse_order(model, batches, full_logits: dict, L: int, offset: int, dev) -> tuple[list[int], list[float]]:
     """Iterative greedy layer removal by normalized MSE of the logits (see module docstring)."""
-    groups = (ps.get_tensor_model_parallel_group(), ps.get_data_parallel_group(), ps.get_pipeline_model_parallel_group())
+    groups = (ps.get_tensor_model_parallel_group(), ps.get_data_parallel_group(),
+              ps.get_pipeline_model_parallel_group())
     den = torch.zeros(1, dtype=torch.float64, device=dev)
     for lg in full_logits.values():  # [b, s, V/TP], last stage only
         den += lg.double().pow(2).sum()

@@ -1,7 +1,7 @@
 """torchrun worker for test_sorting_tp.py: importance + sorting under one parallel layout after another.
 
     torchrun --nproc_per_node=1 tests/distributed/_sort_worker.py OUT ref
-        TP=1: saves OUT/ref.pt = scores, logits on random tokens, full weights sorted with shards=2
+        TP=1: saves OUT/ref.pt = scores, unsorted logits on random tokens, full weights sorted with shards=2
     torchrun --nproc_per_node=2 tests/distributed/_sort_worker.py OUT tp2 pp2 dp2
         for each layout: importance vs the reference, logits before/after sorting (with the
         reference scores), the gathered full sorted weights vs the reference; OUT/results.json
@@ -30,25 +30,24 @@ from elastic_megatron.model import sharding
 from elastic_megatron.model.hybrid import build_model, global_name
 from elastic_megatron.parallel import ParallelLayout, init_distributed
 
-BASE = ["train.micro_batch_size=2", "train.global_batch_size=4", "data.seq_length=48", "elastic.importance_batches=2"]
+BASE = ["train.micro_batch_size=1", "train.global_batch_size=4", "data.seq_length=48", "elastic.importance_batches=2"]
 LAYOUTS = {"ref": [], "tp2": ["parallel.tensor=2"], "pp2": ["parallel.pipeline=2"], "dp2": ["parallel.data=2"]}
 VOCAB = 64
 
 
-def tp_gather(t: torch.Tensor, dim: int) -> torch.Tensor:
+def tp_pieces(t: torch.Tensor) -> list[torch.Tensor]:
+    """Every TP rank's copy of `t`, in rank order."""
     from megatron.core import parallel_state as ps
 
-    if ps.get_tensor_model_parallel_world_size() == 1:
-        return t
     parts = [torch.empty_like(t) for _ in range(ps.get_tensor_model_parallel_world_size())]
     dist.all_gather(parts, t.contiguous(), group=ps.get_tensor_model_parallel_group())
-    return parts if dim is None else torch.cat(parts, dim=dim)
+    return parts
 
 
 def logits_of(model, batch) -> torch.Tensor | None:
     """Full-vocab logits [b, s, V] on the last stage, None elsewhere."""
     out = {}
-    run_forward(model, [batch], lambda i, lg: out.__setitem__(i, tp_gather(lg, -1)))
+    run_forward(model, [batch], lambda i, lg: out.__setitem__(i, torch.cat(tp_pieces(lg), dim=-1)))
     return out.get(0)
 
 
@@ -57,8 +56,7 @@ def full_weights(model, cfg, layout) -> dict[str, torch.Tensor]:
     offset, res = _stage_offset(cfg.model, layout), {}
     for name, p in model.named_parameters():
         gname = global_name(name, offset)
-        res[gname] = sharding.unshard(gname, tp_gather(p.detach(), None) if layout.tensor > 1 else [p.detach()],
-                                      cfg.model)
+        res[gname] = sharding.unshard(gname, tp_pieces(p.detach()), cfg.model)
     return res
 
 
@@ -87,9 +85,10 @@ def run_layout(name: str, out_dir: str) -> dict | None:
     probe = {"tokens": torch.randint(0, VOCAB, (2, 40), generator=g), "position_ids": torch.arange(40).expand(2, 40)}
     scores = estimate_importance(model, batches, cfg, layout)
     if name == "ref":
+        unsorted = logits_of(model, probe)
         sort_parent(model, scores, cfg.model, layout, shards=2)
         torch.save({"scores": {k: getattr(scores, k) for k in scores.__dataclass_fields__},
-                    "logits": logits_of(model, probe), "weights": full_weights(model, cfg, layout)},
+                    "logits": unsorted, "weights": full_weights(model, cfg, layout)},
                    os.path.join(out_dir, "ref.pt"))
         return None
 
@@ -102,7 +101,7 @@ def run_layout(name: str, out_dir: str) -> dict | None:
             sort_parent(model, ref_scores, cfg.model, layout, shards=1)  # would cross TP shards
         except ValueError:
             refused = True
-    plan = sort_parent(model, ref_scores, cfg.model, layout)  # the reference scores: compare weights exactly
+    plan = sort_parent(model, ref_scores, cfg.model, layout, shards=2)  # reference scores: weights compare exactly
     after = logits_of(model, probe)
     weights = full_weights(model, cfg, layout)
     half = cfg.model.ffn_hidden_size // 2
@@ -119,8 +118,8 @@ def run_layout(name: str, out_dir: str) -> dict | None:
     # the worst value over ranks (stage_params: summed, so both PP stages together must cover the model)
     worst = {}
     for key, value in res.items():
-        op = dist.ReduceOp.SUM if key == "stage_params" else (
-            dist.ReduceOp.MIN if key in ("order_equal", "ffn_perm_in_shards", "refused_cross_shard") else dist.ReduceOp.MAX)
+        flag = key in ("order_equal", "ffn_perm_in_shards", "refused_cross_shard")
+        op = dist.ReduceOp.SUM if key == "stage_params" else dist.ReduceOp.MIN if flag else dist.ReduceOp.MAX
         t = torch.tensor([value], dtype=torch.float64)
         dist.all_reduce(t, op=op)
         worst[key] = float(t)
