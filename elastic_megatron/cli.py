@@ -66,6 +66,22 @@ def cmd_slice(args) -> int:
     return 0
 
 
+def cmd_elastic(args) -> int:
+    cfg = load_config(args.config, args.overrides)
+    from .elastic.importance import ImportanceScores
+    from .train.elastic_loop import elastic_train
+
+    order = None
+    if cfg.elastic.importance_path:
+        order = ImportanceScores.load(cfg.elastic.importance_path).layer_order
+    result = elastic_train(cfg, order)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"elastic training done: final loss {result.losses[-1]:.4f}")
+        print(f"checkpoint: {result.checkpoint}")
+        print(f"metrics:    {result.metrics}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="elastic-megatron", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -81,6 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("importance", help="score channels/heads/layers of a parent and write it sorted")
     _add_config_args(p)
     p.set_defaults(func=cmd_importance)
+    p = sub.add_parser("elastic-train", help="train the sorted parent's nested family (router + KD + curriculum)")
+    _add_config_args(p)
+    p.set_defaults(func=cmd_elastic)
     p = sub.add_parser("slice", help="cut budgets out of a sorted parent into standalone checkpoints")
     _add_config_args(p)
     p.add_argument("--budget", action="append", default=[],

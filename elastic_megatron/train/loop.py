@@ -97,14 +97,14 @@ def reduce_step_loss(losses: list[dict], key: str = "lm loss") -> float:
 
 
 def run_schedule(model, forward_step, data_iter, n_micro: int, cfg: RunConfig, seq_length: int,
-                 forward_only: bool = False) -> list[dict]:
+                 forward_only: bool = False, micro_batch_size: int = 0) -> list[dict]:
     return get_forward_backward_func()(
         forward_step_func=forward_step,
         data_iterator=data_iter,
         model=[model],
         num_microbatches=n_micro,
         seq_length=seq_length,
-        micro_batch_size=cfg.train.micro_batch_size,
+        micro_batch_size=micro_batch_size or cfg.train.micro_batch_size,
         forward_only=forward_only,
     )
 

@@ -1,0 +1,235 @@
+"""Elastic training: one sorted parent, a router per axis, a frozen teacher, a budget curriculum.
+
+For every micro-batch:
+
+    budget b ~ stage.budget_probs               drawn from (seed, step, micro): identical on all ranks
+    decision = router(b)                         Gumbel-softmax, noise from (seed, step, micro, b)
+    student logits = parent under decision.subnet (hard: weight prefixes; soft: prefix masks),
+                     each layer's output times its straight-through gate (value 1, router gradient)
+    teacher logits = the frozen parent, full size (no grad, no optimizer state, never saved)
+    loss = kd_weight * KL(teacher || student) + ce_weight * CE + router.budget_weight * budget loss
+
+The model steps with megatron's optimizer; the router (replicated on every rank) steps with its
+own Adam after its gradients are averaged over all ranks. Stages run back to back (step counts,
+sequence lengths, batch sizes and budget probabilities from `cfg.curriculum`).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field, replace
+from functools import partial
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state as ps
+from megatron.core import tensor_parallel
+
+from ..config import ConfigError, RunConfig, StageConfig, to_yaml
+from ..data.build import build_datasets
+from ..data.tokenizer import load_tokenizer
+from ..elastic.distill import kd_loss
+from ..elastic.model import ElasticHybrid, SoftMasks
+from ..elastic.router import all_reduce_router_grads, build_router, router_optimizer
+from ..elastic.subnet import Subnet, subnet_params
+from ..model.hybrid import build_model, padded_vocab_size
+from ..parallel import ParallelLayout, destroy_distributed, init_distributed
+from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .loop import StepBatches, run_dtype, run_schedule
+from .metrics import MetricsLogger
+from .optim import build_optimizer, lr_at, set_lr, wrap_ddp
+
+
+def draw_budget(probs: list[float], seed: int, step: int, micro: int) -> int:
+    """The budget of one micro-batch: a pure function of (seed, step, micro), so every rank agrees."""
+    g = torch.Generator().manual_seed((seed * 1_000_003 + step) * 1_009 + micro)
+    return int(torch.multinomial(torch.tensor(probs, dtype=torch.float64), 1, generator=g).item())
+
+
+def stage_probs(stage: StageConfig, n_budgets: int) -> list[float]:
+    return list(stage.budget_probs) or [1.0 / n_budgets] * n_budgets
+
+
+@dataclass
+class ElasticResult:
+    losses: list[float] = field(default_factory=list)  # per optimizer step (total loss)
+    checkpoint: str = ""
+    metrics: str = ""
+    router: object = None  # the trained RouterSet (rank-local replica)
+    layer_order: list[int] = field(default_factory=list)
+
+
+def elastic_train(cfg: RunConfig, layer_order: list[int] | None = None) -> ElasticResult:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    layout = ParallelLayout.resolve(cfg, world)
+    if layout.pipeline > 1:
+        raise ConfigError("config key 'parallel.pipeline': elastic training with distillation supports PP=1 only "
+                          "(the frozen teacher is not pipelined yet); use tensor and data parallelism")
+    if not cfg.checkpoint.load and not latest_checkpoint(Path(cfg.checkpoint.dir or Path(cfg.logging.out_dir) /
+                                                             "checkpoints")):
+        raise ConfigError("config key 'checkpoint.load': elastic training starts from a sorted parent; "
+                          "run `elastic-megatron importance` and pass its sorted checkpoint")
+    init_distributed(layout, cfg.train.seed)
+    try:
+        return _elastic_train(cfg, layout, layer_order)
+    finally:
+        destroy_distributed()
+
+
+def _elastic_train(cfg: RunConfig, layout: ParallelLayout, layer_order) -> ElasticResult:
+    t, rank0 = cfg.train, dist.get_rank() == 0
+    dtype = run_dtype(t.precision)
+    tok = load_tokenizer(cfg.data.tokenizer)
+    vocab = padded_vocab_size(cfg.model, tok.vocab_size, layout.tensor)
+
+    student = build_model(cfg, layout, vocab, dtype)
+    teacher = build_model(cfg, layout, vocab, dtype)
+    ddp = wrap_ddp(student, layout)
+    total_steps = sum(st.steps for st in cfg.curriculum)
+    sched_cfg = replace(t, steps=total_steps)
+    optimizer = build_optimizer(ddp, t, layout, dtype)
+    router = build_router(cfg, vocab, layer_order=layer_order, tp=layout.tensor)
+    router_opt = router_optimizer(router, cfg.router)
+
+    out_dir = Path(cfg.logging.out_dir)
+    ckpt_root = Path(cfg.checkpoint.dir or out_dir / "checkpoints")
+    parent_ckpt = cfg.checkpoint.load
+    if cfg.distill.teacher or parent_ckpt:
+        load_checkpoint(cfg.distill.teacher or parent_ckpt, teacher)
+    teacher.eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    start = 0
+    resume_from = latest_checkpoint(ckpt_root) if cfg.checkpoint.resume else None
+    if resume_from is not None:
+        loop = load_checkpoint(resume_from, student, optimizer)
+        start = int(loop.get("step", 0))
+        router.load_state_dict(loop["router"])
+        router_opt.load_state_dict(loop["router_opt"])
+    else:
+        load_checkpoint(parent_ckpt, student)
+    if rank0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "config.yaml").write_text(to_yaml(cfg))
+
+    s_view, t_view = ElasticHybrid(student, cfg, layout), ElasticHybrid(teacher, cfg, layout)
+    names = list(cfg.elastic.budgets)
+    logger = MetricsLogger(cfg, enabled=rank0, total_steps=total_steps, start_step=start)
+    result = ElasticResult(metrics=str(logger.path), router=router, layer_order=list(router.layer_order))
+    hard = cfg.elastic.mode == "hard"
+    parent_cost = router.expected_cost({a: _one_hot_full(router, a) for a in router.axes}).item()
+    full_budgets = {b for b, target in enumerate(router.targets) if target >= parent_cost * (1 - 1e-9)}
+    stage_start = 0
+    for stage in cfg.curriculum:
+        stage_end = stage_start + stage.steps
+        if start >= stage_end:
+            stage_start = stage_end
+            continue
+        seq = stage.seq_length or cfg.data.seq_length
+        gbs, mbs = stage.global_batch_size or t.global_batch_size, stage.micro_batch_size or t.micro_batch_size
+        n_micro = gbs // (mbs * layout.data)
+        stage_cfg = replace(cfg, data=replace(cfg.data, seq_length=seq, min_steps=stage.min_steps or cfg.data.min_steps,
+                                              max_steps=stage.max_steps or cfg.data.max_steps))
+        train_ds, _ = build_datasets(stage_cfg, tok, num_train=stage.steps * gbs)
+        probs = stage_probs(stage, len(names))
+        for step in range(max(start, stage_start), stage_end):
+            tic = time.perf_counter()
+            set_lr(optimizer, lr_at(step, sched_cfg))
+            ddp.zero_grad_buffer()
+            optimizer.zero_grad()
+            router_opt.zero_grad()
+            decisions = []
+            for micro in range(n_micro):
+                b = draw_budget(probs, t.seed, step, micro)
+                dec = router(b, step=step, total_steps=total_steps, seed=t.seed, hard=hard, micro=micro)
+                if b in full_budgets:  # the full model is one of the budgets: no router choice to make
+                    dec = replace(dec, subnet=Subnet.full(cfg.model), layer_gates=torch.ones_like(dec.layer_gates),
+                                  budget_loss=dec.budget_loss * 0)
+                decisions.append(dec)
+            fwd = partial(_forward_step, s_view, t_view, decisions, router, cfg)
+            data = StepBatches(train_ds, step - stage_start, n_micro, mbs, gbs, ps.get_data_parallel_rank())
+            outs = run_schedule(ddp, fwd, data, n_micro, cfg, seq, micro_batch_size=mbs)
+            all_reduce_router_grads(router)
+            router_opt.step()
+            ok, grad_norm, _ = optimizer.step()
+            record = _reduce_metrics(outs, decisions, names, cfg.model, vocab)
+            record.update(step=step + 1, stage=stage.name, lr=lr_at(step, sched_cfg), grad_norm=float(grad_norm or 0),
+                          tokens_per_s=gbs * seq / (time.perf_counter() - tic))
+            result.losses.append(record["loss"])
+            logger.log(record)
+            logger.progress(1, stage=stage.name, loss=record["loss"], budgets=record["budgets_seen"],
+                            tok_s=round(record["tokens_per_s"]))
+            if step + 1 == stage_end or (cfg.checkpoint.save_interval and (step + 1) % cfg.checkpoint.save_interval == 0):
+                state = {"step": step + 1, "router": router.state_dict(), "router_opt": router_opt.state_dict()}
+                result.checkpoint = str(save_checkpoint(ckpt_root, step + 1, student, optimizer, state))
+        stage_start = stage_end
+    logger.close()
+    return result
+
+
+def _one_hot_full(router, axis: str) -> torch.Tensor:
+    """Probabilities that pick the largest choice (index 0) on `axis`, in the router's shapes."""
+    z = router.logits(0)[axis]
+    return torch.zeros_like(z).index_fill_(-1, torch.tensor([0]), 1.0).detach()
+
+
+def _forward_step(s_view, t_view, decisions, router, cfg: RunConfig, data_iterator, model):
+    batch = next(data_iterator)
+    micro = getattr(data_iterator, "m", 1) - 1
+    dec = decisions[micro]
+    masks = None
+    if cfg.elastic.mode == "soft":
+        sm = router.soft_masks(dec)
+        masks = SoftMasks(hidden=sm["hidden"], mamba_heads=list(sm["mamba_heads"]), mamba_head_dim=list(sm["mamba_head_dim"]),
+                          attn_heads=list(sm["attn_heads"]), ffn=list(sm["ffn"]), keep=sm["depth"])
+    student = s_view(batch["tokens"], batch["position_ids"], None, subnet=dec.subnet, gates=dec.layer_gates,
+                     masks=masks)  # [b, s, V/tp]
+    with torch.no_grad():
+        teacher = t_view(batch["tokens"], batch["position_ids"], None)
+    return student, partial(_loss, batch, teacher, dec, cfg)
+
+
+def _loss(batch, teacher, dec, cfg: RunConfig, student):
+    d, mask = cfg.distill, batch["loss_mask"].float()
+    denom = mask.sum().clamp(min=1.0)
+    kd = (kd_loss(student, teacher, d.temperature) * mask).sum() / denom
+    ce = (tensor_parallel.vocab_parallel_cross_entropy(student.float().transpose(0, 1).contiguous(),
+                                                       batch["labels"].transpose(0, 1).contiguous()).transpose(0, 1)
+          * mask).sum() / denom
+    router_loss = dec.budget_loss
+    total = d.kd_weight * kd + d.ce_weight * ce + cfg.router.budget_weight * router_loss
+    stats = torch.stack([total.detach(), kd.detach(), ce.detach(), router_loss.detach().float(),
+                         dec.expected_cost.detach().float()]).clone()
+    return total, {"stats": stats}
+
+
+def _reduce_metrics(outs: list[dict], decisions, names: list[str], m, vocab: int) -> dict:
+    """Per-budget means over micro-batches and DP ranks (budgets are drawn identically on all ranks)."""
+    n = len(names)
+    sums = torch.zeros(n, 6, dtype=torch.float64)
+    for out, dec in zip(outs, decisions):
+        sums[dec.budget_idx, :5] += out["stats"].double().cpu()
+        sums[dec.budget_idx, 5] += 1
+    if torch.cuda.is_available():
+        sums = sums.cuda()
+    dist.all_reduce(sums, group=ps.get_data_parallel_group())
+    sums = sums.cpu()
+    record: dict = {}
+    total = sums[:, 0].sum() / sums[:, 5].sum().clamp(min=1)
+    record["loss"] = float(total)
+    seen = []
+    for b, name in enumerate(names):
+        c = sums[b, 5]
+        if c == 0:
+            continue
+        seen.append(name)
+        mean = sums[b, :5] / c
+        dec = next(x for x in decisions if x.budget_idx == b)
+        record.update({f"{name}/loss": float(mean[0]), f"{name}/kd": float(mean[1]), f"{name}/ce": float(mean[2]),
+                       f"{name}/router_loss": float(mean[3]), f"{name}/expected_params": float(mean[4]),
+                       f"{name}/chosen_params": subnet_params(dec.subnet, m, vocab),
+                       f"{name}/subnet": dec.subnet.to_dict()})
+    record["budgets_seen"] = ",".join(seen)
+    return record
