@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m elastic_megatron.cli train --config configs/tiny.yaml logging.out_dir=runs/demo
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} $(PY) -m elastic_megatron.cli demo --out demo_out
 
 # pytest exits 5 when it collects no tests: report it instead of passing silently or failing.
 test: $(STAMP)

@@ -82,6 +82,14 @@ def cmd_elastic(args) -> int:
     return 0
 
 
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    report = run_demo(args.out, args.overrides)
+    print(f"report: {args.out}/report.md, {args.out}/report.json, {args.out}/quality_vs_params.png")
+    return 0 if report["nested"] else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="elastic-megatron", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -97,6 +105,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("importance", help="score channels/heads/layers of a parent and write it sorted")
     _add_config_args(p)
     p.set_defaults(func=cmd_importance)
+    p = sub.add_parser("demo", help="the main job: parent -> importance -> elastic training -> 3 sliced models")
+    p.add_argument("--out", default="demo_out", help="output directory (a trained parent there is reused)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides for the demo config, e.g. train.steps=100")
+    p.set_defaults(func=cmd_demo)
     p = sub.add_parser("elastic-train", help="train the sorted parent's nested family (router + KD + curriculum)")
     _add_config_args(p)
     p.set_defaults(func=cmd_elastic)
