@@ -1,6 +1,6 @@
 """What elastic execution costs: forward+backward step time at budgets 100/75/50% vs plain megatron-core.
 
-    python benchmarks/elastic_cost.py            # full run (~3-4 min on 2 CPU cores)
+    python benchmarks/elastic_cost.py            # full run (~2 min on 2 idle CPU cores; more under load)
     python benchmarks/elastic_cost.py --quick    # smoke test (a few rounds, small shapes)
 
 For two CPU models in one process (world 1, gloo, fp32) -- the tiny default parent and a medium

@@ -34,9 +34,8 @@ def _parent(cfg: RunConfig, world: int):
     tok = load_tokenizer(cfg.data.tokenizer)
     vocab = padded_vocab_size(cfg.model, tok.vocab_size, layout.tensor)
     model = build_model(cfg, layout, vocab, run_dtype(cfg.train.precision))
-    if cfg.checkpoint.load:
-        load_checkpoint(_resolve_ckpt(cfg.checkpoint.load), model)
-    return layout, tok, vocab, model
+    loop = load_checkpoint(_resolve_ckpt(cfg.checkpoint.load), model) if cfg.checkpoint.load else {}
+    return layout, tok, vocab, model, loop
 
 
 def _resolve_ckpt(path: str) -> Path:
@@ -55,7 +54,7 @@ def importance_job(cfg: RunConfig) -> dict:
     from .sorting import sort_parent
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    layout, tok, vocab, model = _parent(cfg, world)
+    layout, tok, vocab, model, _ = _parent(cfg, world)
     try:
         out = Path(cfg.logging.out_dir)
         path = Path(cfg.elastic.importance_path or out / "importance.pt")
@@ -100,21 +99,28 @@ def slice_job(cfg: RunConfig, budgets: list[str], out_dir: str, router_path: str
     """Cut each budget out of the sorted parent in `checkpoint.load` into a standalone checkpoint."""
     from .importance import ImportanceScores
     from .slicing import gather_full_state, load_full_state, slice_state, sliced_model_config, write_standalone
-    from .subnet import nest_family, subnet_params
+    from .subnet import Subnet, nest_family, subnet_params
 
     if budgets:
         cfg = replace(cfg, elastic=replace(cfg.elastic, budgets=list(budgets)))
     single = replace(cfg, parallel=replace(cfg.parallel, tensor=1, pipeline=1, data=1))
-    layout, tok, vocab, parent = _parent(single, 1)
+    layout, tok, vocab, parent, loop = _parent(single, 1)
     try:
         order = None
         if cfg.elastic.importance_path and Path(cfg.elastic.importance_path).exists():
             order = ImportanceScores.load(cfg.elastic.importance_path).layer_order
         if router_path:
             router = torch.load(router_path, weights_only=False)
-        else:
+        elif "router" in loop and not budgets:  # the router trained by elastic-train, for its own budgets
+            from .router import build_router
+
+            router = build_router(cfg, vocab, layer_order=order, tp=cfg.elastic.sort_tensor_parallel or 1)
+            router.load_state_dict(loop["router"])
+        else:  # no trained router (or new budgets): fit one on the budget loss alone
             router = fit_router(cfg, vocab, order)
-        family = nest_family([router.inference(b) for b in range(len(router.targets))])
+        parent_params = count_parameters(cfg.model, vocab)
+        family = nest_family([Subnet.full(cfg.model) if t >= parent_params else router.inference(b)
+                              for b, t in enumerate(router.targets)])
         full = gather_full_state(parent, single, layout)
         sort_tp = cfg.elastic.sort_tensor_parallel or 1
         rows = []
