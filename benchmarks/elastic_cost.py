@@ -41,6 +41,7 @@ from elastic_megatron.parallel import ParallelLayout, destroy_distributed, init_
 VOCAB = 64
 VARIANTS = ("plain", "elastic_100", "elastic_75", "elastic_50")
 BUDGETS = {"elastic_75": 0.75, "elastic_50": 0.5}
+NOISY_SPREAD = 1.5  # p75/p25 above this for any variant: the run was disturbed
 
 # The medium parent: 12 layers, d_inner = 2 x hidden, GQA 12 heads / 4 KV groups.
 MEDIUM = [
@@ -87,6 +88,7 @@ def budget_subnet(m, target: float, tol: float = 0.01) -> Subnet:
 
 
 def bench_model(name: str, overrides: list[str], rounds: int, warmup: int, quick: bool) -> dict:
+    t_build = time.perf_counter()
     cfg = load_config(None, overrides)
     layout = ParallelLayout.resolve(cfg, 1)
     init_distributed(layout, cfg.train.seed)
@@ -107,7 +109,8 @@ def bench_model(name: str, overrides: list[str], rounds: int, warmup: int, quick
     subnets.update({v: budget_subnet(m, f) for v, f in BUDGETS.items()})
     fractions = {v: subnet_params(sn, m, VOCAB) / params for v, sn in subnets.items()}
     fractions["plain"] = 1.0
-    log(f"[{name}] params {params:,}  batch {b} x seq {s}  threads {torch.get_num_threads()}")
+    log(f"[{name}] params {params:,}  batch {b} x seq {s}  threads {torch.get_num_threads()}  "
+        f"(built in {time.perf_counter() - t_build:.1f} s)")
     for v, sn in subnets.items():
         log(f"[{name}]   {v}: {fractions[v]:.3f} of params  hidden {sn.hidden}  mamba heads {sn.mamba_heads[0]}"
             f"  attn heads {sn.attn_heads[0]}  ffn {sn.ffn[0]}")
@@ -122,6 +125,7 @@ def bench_model(name: str, overrides: list[str], rounds: int, warmup: int, quick
         loss.mean().backward()
         return time.perf_counter() - t0, time.process_time() - c0
 
+    t_time = time.perf_counter()
     for _ in range(warmup):
         for v in VARIANTS:
             step(v)
@@ -137,6 +141,7 @@ def bench_model(name: str, overrides: list[str], rounds: int, warmup: int, quick
             log(f"[{name}]   round {r + 1}/{rounds}: " + "  ".join(f"{v} {statistics.median(t) * 1e3:.1f}"
                                                              for v, t in times.items()))
     model.zero_grad(set_to_none=True)
+    log(f"[{name}]   timed {warmup} + {rounds} rounds in {time.perf_counter() - t_time:.1f} s")
     med = {v: statistics.median(t) * 1e3 for v, t in times.items()}
     mins = {v: min(t) * 1e3 for v, t in times.items()}
     # Within-round ratios: the variants of one round run back to back, so slow periods of other
@@ -211,7 +216,9 @@ def main(argv=None) -> dict:
         # min = fastest round per variant, paired = median of within-round ratios, cpu = CPU-time medians.
         "alt_ratios": {k: {est: {name: r3(x) for name, x in d.items()} for est, d in r["alt_ratios"].items()}
                        for k, r in res.items()},
-        "load_avg_1m": [round(load0, 2), round(os.getloadavg()[0], 2)],  # start, end (2 cores)
+        "load_avg_1m": [round(load0, 2), round(os.getloadavg()[0], 2)],  # start, end
+        # Largest p75/p25 of the wall times over the variants: near 1 on a quiet machine.
+        "spread": {k: r3(max(hi / lo for lo, hi in r["iqr_ms"].values())) for k, r in res.items()},
         "fractions": {k: {v: r3(x) for v, x in r["fraction"].items()} for k, r in res.items()},
         "subnets": {k: r["subnets"] for k, r in res.items()},
         "shapes": {k: {"batch": r["batch"], "seq": r["seq"]} for k, r in res.items()},
@@ -222,6 +229,11 @@ def main(argv=None) -> dict:
                         "ratio_elastic_vs_plain<=1.05": md["ratio_elastic_vs_plain"] <= 1.05},
         "wall_s": round(time.perf_counter() - t0, 1),
     }
+    noisy = [k for k, x in out["spread"].items() if x > NOISY_SPREAD]
+    if noisy:
+        log(f"WARNING: {', '.join(noisy)} timings are spread out (p75/p25 > {NOISY_SPREAD}): other jobs were "
+            "using the CPUs; the medians are unreliable, compare alt_ratios.min or rerun on an idle machine")
+    out["noisy"] = bool(noisy)
     print(json.dumps(out), flush=True)
     return out
 

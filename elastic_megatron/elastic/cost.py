@@ -25,6 +25,7 @@ The KV cache does not shrink with attn_heads (KV heads are always kept) nor with
 
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import Optional, Sequence
 
 import torch
@@ -36,10 +37,15 @@ from .subnet import AxisChoices, Subnet, homogeneous_subnet, subnet_params
 CONV_WIDTH = 4  # Mamba-2 causal conv kernel width (as in subnet_params)
 
 
+@lru_cache(maxsize=None)
+def _type_index(pattern: str) -> dict[str, Tensor]:
+    return {c: torch.tensor([i for i, ch in enumerate(pattern) if ch == c], dtype=torch.long) for c in "M*-"}
+
+
 def _by_type(m: ModelConfig, keep_prob: Tensor) -> dict[str, Tensor]:
     """Per-layer keep probabilities split by layer type, each in within-type order."""
-    p = m.hybrid_override_pattern
-    return {c: keep_prob[[i for i, ch in enumerate(p) if ch == c]] for c in "M*-"}
+    idx = _type_index(m.hybrid_override_pattern)
+    return {c: keep_prob.index_select(0, i.to(keep_prob.device)) for c, i in idx.items()}
 
 
 def _f64(x) -> Tensor:

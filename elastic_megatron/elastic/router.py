@@ -126,7 +126,7 @@ class RouterSet(nn.Module):
         return r.scale_start + (r.scale_end - r.scale_start) * t, r.tau_start + (r.tau_end - r.tau_start) * t
 
     def logits(self, budget_idx: int) -> dict[str, Tensor]:
-        dev = next(self.parameters()).device
+        dev = self.routers["hidden"].fc1.weight.device
         onehot = F.one_hot(torch.tensor(budget_idx, device=dev), len(self.targets)).float()
         return {a: r(onehot) for a, r in self.routers.items()}
 
@@ -135,12 +135,19 @@ class RouterSet(nn.Module):
                 micro: int = 0) -> RouterDecision:
         """Sample a subnet for `budget_idx`. hard=True: gates carry the router gradient; hard=False (soft
         mode): gates are constant ones and the caller applies `soft_masks(decision)` instead."""
+        return self.draw(self.logits(budget_idx), budget_idx, step, total_steps, seed, hard, micro)
+
+    def draw(self, logits: dict[str, Tensor], budget_idx: int, step: int = 0, total_steps: int = 1, seed: int = 0,
+             hard: bool = True, micro: int = 0) -> RouterDecision:
+        """`forward` from precomputed `logits(budget_idx)`: micro-batches of one budget can share one router pass."""
         scale, tau = self.schedule(step, total_steps)
         gen = torch.Generator().manual_seed(noise_seed(seed, step, micro, budget_idx))
+        sizes = [z.numel() for z in logits.values()]  # one draw, split over the axes in fixed order
+        noise = torch.rand(sum(sizes), generator=gen).clamp_min(1e-20).split(sizes)
         probs = {}
-        for a, z in self.logits(budget_idx).items():  # fixed axis order -> reproducible noise
-            u = torch.rand(z.shape, generator=gen).clamp_min(1e-20).to(z.device)
-            probs[a] = torch.softmax((z * scale - torch.log(-torch.log(u))) / tau, dim=-1)
+        for (a, z), u in zip(logits.items(), noise):
+            gumbel = -torch.log(-torch.log(u.to(z.device).view_as(z)))
+            probs[a] = torch.softmax((z * scale + gumbel) / tau, dim=-1)
         return self.decide(probs, budget_idx, hard)
 
     @torch.no_grad()

@@ -75,7 +75,7 @@ def test_resolve_budgets():
         resolve_budgets(["3M"], 2_000_000)
     with pytest.raises(ConfigError, match="elastic.budgets.*smallest"):
         resolve_budgets(["0.1"], 2_000_000, min_params=500_000)
-    cfg = load_config(None, ["elastic.budgets=[1.0,0.05]"])
+    cfg = load_config(None, ["elastic.budgets=[1.0,0.05]", "curriculum.1.budget_probs=[0.5,0.5]"])
     with pytest.raises(ConfigError, match="elastic.budgets"):
         build_router(cfg, VOCAB)
 
