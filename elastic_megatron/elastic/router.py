@@ -1,10 +1,9 @@
 """The routers: one small MLP per axis maps a one-hot budget to a choice (paper §3, Eq. 6-12).
 
-    router = RouterSet(m, vocab, choices, targets, cfg.router, heterogeneous=["ffn", "mamba_heads"],
-                       layer_order=order, seed=cfg.train.seed)
+    router = build_router(cfg, vocab_size, layer_order=order)      # or RouterSet(...) directly
     opt = router_optimizer(router, cfg.router)
     d = router(budget_idx, step, total_steps, seed, micro=micro)   # a RouterDecision
-    model.set_subnet(d.subnet, gates=d.layer_gates)                 # hard mode: slice, gate layer outputs
+    # hard mode: run the sliced subnet d.subnet, multiplying layer i's output by d.layer_gates[i]
     loss = task_loss + cfg.router.budget_weight * d.budget_loss
     loss.backward(); all_reduce_router_grads(router); opt.step(); opt.zero_grad()
 
@@ -16,8 +15,8 @@ important first).
 
 The argmax of every axis gives the Subnet the model runs (hard mode). So that the task loss still
 reaches the router without changing the model's numbers, each layer's output is multiplied by a
-straight-through gate p / p.detach(): its value is exactly 1.0, its gradient that of p, the product
-of the chosen probabilities that shape the layer (Mamba: mamba_heads, mamba_head_dim, hidden,
+straight-through gate p / p.detach(): its value is exactly 1.0, its gradient grad(p) / p, where p is
+the product of the chosen probabilities that shape the layer (Mamba: mamba_heads, mamba_head_dim, hidden,
 depth; attention: attn_heads, hidden, depth; MLP: ffn, hidden, depth). Training numerics therefore
 equal deployment exactly. Soft mode uses `soft_masks` (probability-weighted prefix masks) instead.
 
@@ -116,7 +115,9 @@ class RouterSet(nn.Module):
                               self.count[a] if a in self.heterogeneous else 0) for a in self.axes})
         rank = {layer: r for r, layer in enumerate(self.layer_order)}
         # keep_table[j, i] = 1 if depth choice j keeps layer i
-        self.keep_table = torch.tensor([[float(rank[i] < d) for i in range(len(p))] for d in choices.depth])
+        self.keep_table = torch.tensor([[float(rank[i] < d) for i in range(len(p))] for d in choices.depth],
+                                       dtype=torch.float64)
+        self.values = {a: torch.tensor(choices.of(a), dtype=torch.float64) for a in self.axes}  # choice sizes
 
     # ------------------------------------------------------------------ schedules
     def schedule(self, step: int, total_steps: int) -> tuple[float, float]:
@@ -188,10 +189,9 @@ class RouterSet(nn.Module):
             if a not in probs:
                 out[a] = torch.zeros(0, dtype=torch.float64)
                 continue
-            vals = torch.tensor(self.choices.of(a), dtype=torch.float64, device=probs[a].device)
-            e = (probs[a].double() * vals).sum(-1)
+            e = probs[a].double() @ self.values[a].to(probs[a].device)
             out[a] = e if a == "hidden" else self.per_layer(a, e)
-        out["keep_prob"] = probs["depth"].double() @ self.keep_table.to(probs["depth"].device, torch.float64)
+        out["keep_prob"] = probs["depth"].double() @ self.keep_table.to(probs["depth"].device)
         return out
 
     def expected_cost(self, probs: dict[str, Tensor]) -> Tensor:
