@@ -1,7 +1,8 @@
 """What elastic execution costs: forward+backward step time at budgets 100/75/50% vs plain megatron-core.
 
-    python benchmarks/elastic_cost.py            # full run (~2 min on 2 idle CPU cores; more under load)
-    python benchmarks/elastic_cost.py --quick    # smoke test (a few rounds, small shapes)
+    python benchmarks/elastic_cost.py              # full run (~2 min on 2 idle CPU cores; more under load)
+    python benchmarks/elastic_cost.py --quick      # smoke test (a few rounds, small shapes)
+    python benchmarks/elastic_cost.py --breakdown  # medium only, + standalone sliced 50% model and a profile
 
 For two CPU models in one process (world 1, gloo, fp32) -- the tiny default parent and a medium
 (50-100M parameter) parent -- this times one training step (forward with labels, loss.mean(),
@@ -17,7 +18,9 @@ Subnets scale hidden, FFN, Mamba heads (multiples of the B/C groups) and attenti
 fraction, which is printed. The machine is noisy, so after warm-up the variants run round-robin
 (plain, e100, e75, e50, plain, ...) for --rounds rounds and each variant reports its median.
 Gradients are set to None between steps (outside the timed region). Logs go to stderr; the last
-line on stdout is one JSON object (see docs/performance.md for the keys and a recorded run).
+line on stdout is one JSON object (see docs/performance.md for the keys and a recorded run). If any
+variant's p75/p25 exceeds 1.5, other jobs disturbed the run: a warning goes to stderr and the JSON
+says "noisy": true.
 """
 
 from __future__ import annotations
@@ -29,11 +32,13 @@ import os
 import statistics
 import sys
 import time
+from dataclasses import replace
 
 import torch
 
 from elastic_megatron.config import load_config
 from elastic_megatron.elastic.model import ElasticHybrid
+from elastic_megatron.elastic.slicing import sliced_model_config
 from elastic_megatron.elastic.subnet import Subnet, check_subnet, homogeneous_subnet, subnet_params
 from elastic_megatron.model.hybrid import build_model, count_parameters
 from elastic_megatron.parallel import ParallelLayout, destroy_distributed, init_distributed
@@ -87,7 +92,22 @@ def budget_subnet(m, target: float, tol: float = 0.01) -> Subnet:
     return best
 
 
-def bench_model(name: str, overrides: list[str], rounds: int, warmup: int, quick: bool) -> dict:
+def op_category(name: str) -> str:
+    """Coarse class of a profiled aten op, for --breakdown."""
+    n = name.replace("aten::", "")
+    if n in ("mm", "addmm", "bmm", "baddbmm"):
+        return "matmul"
+    if n in ("index_select", "index_add_", "index", "index_put_"):
+        return "index_select/add"
+    if n in ("copy_", "fill_", "zero_", "zeros", "empty", "clone", "cat", "flip", "stack", "constant_pad_nd"):
+        return "copy/fill"
+    if "convolution" in n:
+        return "conv1d"
+    return "elementwise/reduce/other"
+
+
+def bench_model(name: str, overrides: list[str], rounds: int, warmup: int, quick: bool,
+                breakdown: bool = False) -> dict:
     t_build = time.perf_counter()
     cfg = load_config(None, overrides)
     layout = ParallelLayout.resolve(cfg, 1)
@@ -115,11 +135,24 @@ def bench_model(name: str, overrides: list[str], rounds: int, warmup: int, quick
         log(f"[{name}]   {v}: {fractions[v]:.3f} of params  hidden {sn.hidden}  mamba heads {sn.mamba_heads[0]}"
             f"  attn heads {sn.attn_heads[0]}  ffn {sn.ffn[0]}")
 
+    variants = list(VARIANTS)
+    sliced = None
+    if breakdown:
+        # Reference: the standalone 50% model (megatron's own forward on a model built at the sliced
+        # widths), i.e. what a 50% step costs without elastic execution. Random weights: timing only.
+        small_cfg = replace(cfg, model=sliced_model_config(m, subnets["elastic_50"]))
+        sliced = build_model(small_cfg, ParallelLayout.resolve(small_cfg, 1), VOCAB, torch.float32).train()
+        variants.append("sliced_50")
+
     def step(variant: str) -> tuple[float, float]:
         model.zero_grad(set_to_none=True)
+        if sliced is not None:
+            sliced.zero_grad(set_to_none=True)
         t0, c0 = time.perf_counter(), time.process_time()
         if variant == "plain":
             loss = model(tokens, pos, None, labels=labels)  # megatron-core's own forward, [b, s]
+        elif variant == "sliced_50":
+            loss = sliced(tokens, pos, None, labels=labels)
         else:
             loss = elastic(tokens, pos, labels, subnet=subnets[variant])
         loss.mean().backward()
@@ -127,13 +160,13 @@ def bench_model(name: str, overrides: list[str], rounds: int, warmup: int, quick
 
     t_time = time.perf_counter()
     for _ in range(warmup):
-        for v in VARIANTS:
+        for v in variants:
             step(v)
-    times = {v: [] for v in VARIANTS}  # wall seconds
-    cpu = {v: [] for v in VARIANTS}  # process CPU seconds (all threads)
+    times = {v: [] for v in variants}  # wall seconds
+    cpu = {v: [] for v in variants}  # process CPU seconds (all threads)
     gc.collect()
     for r in range(rounds):
-        for v in VARIANTS:
+        for v in variants:
             wall, c = step(v)
             times[v].append(wall)
             cpu[v].append(c)
@@ -149,15 +182,33 @@ def bench_model(name: str, overrides: list[str], rounds: int, warmup: int, quick
     paired = lambda a, b: statistics.median(x / y for x, y in zip(times[a], times[b]))  # noqa: E731
     cpu_med = {v: statistics.median(t) * 1e3 for v, t in cpu.items()}
     q = {v: statistics.quantiles(t, n=4, method="inclusive") if len(t) >= 2 else [t[0]] * 3 for v, t in times.items()}
-    del model, elastic
+    profile = {}
+    if breakdown:
+        from torch.profiler import profile as torch_profile
+
+        for v in ("plain", "elastic_100", "elastic_50", "sliced_50"):
+            best = None
+            for _ in range(5):  # the least disturbed of five profiled steps
+                with torch_profile() as prof:
+                    step(v)
+                cats: dict[str, float] = {}
+                for e in prof.key_averages():
+                    cats[op_category(e.key)] = cats.get(op_category(e.key), 0.0) + e.self_cpu_time_total / 1e3
+                if best is None or sum(cats.values()) < sum(best.values()):
+                    best = cats
+            profile[v] = {k: round(x, 1) for k, x in sorted(best.items())} | {"total": round(sum(best.values()), 1)}
+            log(f"[{name}]   profile {v} (self CPU ms): {profile[v]}")
+    model.zero_grad(set_to_none=True)
+    del model, elastic, sliced
     gc.collect()
     return {
+        "profile_ms": profile,
         "params": params,
         "batch": b,
         "seq": s,
         "median_ms": med,
         "cpu_median_ms": cpu_med,
-        "iqr_ms": {v: [round(q[v][0] * 1e3, 2), round(q[v][2] * 1e3, 2)] for v in VARIANTS},
+        "iqr_ms": {v: [round(q[v][0] * 1e3, 2), round(q[v][2] * 1e3, 2)] for v in variants},
         "min_ms": {v: round(x, 2) for v, x in mins.items()},
         "alt_ratios": {
             "min": {"ratio_50_vs_100": mins["elastic_50"] / mins["elastic_100"],
@@ -184,6 +235,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--rounds", type=int, default=None, help="timed round-robin rounds (default 25 tiny / 20 medium)")
     ap.add_argument("--warmup", type=int, default=2, help="untimed rounds first (default 2)")
     ap.add_argument("--quick", action="store_true", help="smoke test: 3 rounds, 1 warm-up, small shapes")
+    ap.add_argument("--breakdown", action="store_true",
+                    help="medium model only: also time the standalone sliced 50%% model (megatron forward) and "
+                         "profile plain / elastic_100 / elastic_50 / sliced_50 by op class")
     args = ap.parse_args(argv)
     if args.quick:
         args.rounds, args.warmup = args.rounds or 3, min(args.warmup, 1)
@@ -192,21 +246,24 @@ def main(argv=None) -> dict:
     t0, load0 = time.perf_counter(), os.getloadavg()[0]
     res = {}
     try:
-        res["tiny"] = bench_model("tiny", [], rounds["tiny"], args.warmup, args.quick)
-        res["medium"] = bench_model("medium", MEDIUM, rounds["medium"], args.warmup, args.quick)
+        if not args.breakdown:
+            res["tiny"] = bench_model("tiny", [], rounds["tiny"], args.warmup, args.quick)
+        res["medium"] = bench_model("medium", MEDIUM, rounds["medium"], args.warmup, args.quick, args.breakdown)
     finally:
         destroy_distributed()
-    t, md = res["tiny"], res["medium"]
+    md = res["medium"]
     r3 = lambda x: round(x, 3)  # noqa: E731
     out = {
         "ratio_50_vs_100": r3(md["ratio_50_vs_100"]),
         "ratio_75_vs_100": r3(md["ratio_75_vs_100"]),
         "ratio_elastic_vs_plain": r3(md["ratio_elastic_vs_plain"]),
-        "tiny_ratio_50_vs_100": r3(t["ratio_50_vs_100"]),
-        "tiny_ratio_75_vs_100": r3(t["ratio_75_vs_100"]),
-        "tiny_ratio_elastic_vs_plain": r3(t["ratio_elastic_vs_plain"]),
+    }
+    if "tiny" in res:
+        out.update({f"tiny_{k}": r3(res["tiny"][k]) for k in ("ratio_50_vs_100", "ratio_75_vs_100",
+                                                             "ratio_elastic_vs_plain")})
+        out["tiny_params"] = res["tiny"]["params"]
+    out.update({
         "medium_params": md["params"],
-        "tiny_params": t["params"],
         "timings_ms": {k: {v: round(x, 2) for v, x in r["median_ms"].items()} for k, r in res.items()},
         "iqr_ms": {k: r["iqr_ms"] for k, r in res.items()},  # [p25, p75] of the wall times
         "min_ms": {k: r["min_ms"] for k, r in res.items()},  # fastest round: least disturbed by other jobs
@@ -228,7 +285,12 @@ def main(argv=None) -> dict:
         "targets_met": {"ratio_50_vs_100<=0.60": md["ratio_50_vs_100"] <= 0.60,
                         "ratio_elastic_vs_plain<=1.05": md["ratio_elastic_vs_plain"] <= 1.05},
         "wall_s": round(time.perf_counter() - t0, 1),
-    }
+    })
+    if args.breakdown:
+        mm = md["median_ms"]
+        out["breakdown"] = {"sliced_50_vs_elastic_100": r3(mm["sliced_50"] / mm["elastic_100"]),
+                            "elastic_50_vs_sliced_50": r3(mm["elastic_50"] / mm["sliced_50"]),
+                            "profile_self_cpu_ms": md["profile_ms"]}
     noisy = [k for k, x in out["spread"].items() if x > NOISY_SPREAD]
     if noisy:
         log(f"WARNING: {', '.join(noisy)} timings are spread out (p75/p25 > {NOISY_SPREAD}): other jobs were "
