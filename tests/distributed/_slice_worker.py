@@ -27,6 +27,23 @@ SUBNETS = [
 ]
 
 
+def _full_grads(model, cfg, layout) -> dict:
+    """Every parameter's gradient as a full (TP=1) tensor, by global name."""
+    from megatron.core import parallel_state as ps
+
+    from elastic_megatron.model import sharding
+
+    out = {}
+    for name, p in model.named_parameters():
+        g = p.grad if p.grad is not None else torch.zeros_like(p)
+        if layout.tensor > 1 and sharding.split_rule(name) is not None:
+            pieces = [torch.empty_like(g) for _ in range(layout.tensor)]
+            dist.all_gather(pieces, g.contiguous(), group=ps.get_tensor_model_parallel_group())
+            g = sharding.unshard(name, pieces, cfg.model)
+        out[name] = g.clone()
+    return out
+
+
 def main(out_path: str, overrides: list[str]) -> None:
     world = int(__import__("os").environ.get("WORLD_SIZE", "1"))
     cfg = load_config(None, [f"parallel.tensor={world}", *overrides])
@@ -48,8 +65,21 @@ def main(out_path: str, overrides: list[str]) -> None:
         load_full_state(small, slice_state(full, cfg.model, s, sort_tp=layout.tensor), small_cfg, layout)
         with torch.no_grad():
             got = small(tokens, pos, None)  # megatron's own MambaModel forward
+        # Training sees the same function: gradients of the kept weights equal the sliced model's.
+        labels = torch.randint(0, vocab, (2, 48), generator=torch.Generator().manual_seed(1))
+        parent.zero_grad(set_to_none=True)
+        small.zero_grad(set_to_none=True)
+        ElasticHybrid(parent, cfg, layout)(tokens, pos, labels, subnet=s).mean().backward()
+        small(tokens, pos, None, labels=labels).mean().backward()
+        want_g = slice_state(_full_grads(parent, cfg, layout), cfg.model, s, sort_tp=layout.tensor)
+        got_g = _full_grads(small, small_cfg, layout)
+        grad_diff = max((want_g[k] - got_g[k]).abs().max().item() for k in got_g)
+        grad_scale = max(got_g[k].abs().max().item() for k in got_g)
         results.append({
             "subnet": s.to_dict(),
+            "grad_max_abs_diff": grad_diff,
+            "grad_max_abs": grad_scale,
+            "grad_tensors": len(got_g),
             "max_abs_diff": (want - got).abs().max().item(),
             "max_abs_logit": want.abs().max().item(),
             "params_closed_form": subnet_params(s, cfg.model, vocab),

@@ -26,6 +26,7 @@ def test_parent_under_subnet_equals_sliced_model(tmp_path, tp):
     assert data["tp"] == tp and len(data["results"]) == 3
     for r in data["results"]:
         assert r["max_abs_diff"] <= 1e-5, r
+        assert r["grad_max_abs_diff"] <= 1e-6 and r["grad_max_abs"] > 1e-4, r  # same gradients as the slice
         assert r["max_abs_logit"] > 0.1  # a real comparison, not of zeros
         assert r["params_closed_form"] == r["params_sliced_config"]
         assert not all(r["subnet"]["keep"])  # dropped layers in every budget
