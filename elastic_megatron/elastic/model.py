@@ -80,15 +80,64 @@ def _attn_rows(groups_l: int, hpg: int, d: int, a_per_group: int):
     return torch.tensor(qkv), torch.tensor(proj)
 
 
-def _take(w: torch.Tensor, dim: int, idx: Optional[torch.Tensor], n: Optional[int] = None) -> torch.Tensor:
-    """w restricted to rows/cols `idx` (or the prefix of length n) along dim; no copy when full."""
-    if idx is not None:
-        if idx.numel() == w.shape[dim] and bool((idx == torch.arange(w.shape[dim])).all()):
-            return w
-        return w.index_select(dim, idx.to(w.device))
-    if n is None or n == w.shape[dim]:
+def _norm_sel(sel, size: int):
+    """None | prefix length | index tensor -> None when it keeps everything."""
+    if sel is None or (isinstance(sel, int) and sel == size):
+        return None
+    if isinstance(sel, torch.Tensor) and sel.numel() == size and bool((sel == torch.arange(size)).all()):
+        return None
+    return sel
+
+
+def _select(t: torch.Tensor, dim: int, sel) -> torch.Tensor:
+    if sel is None:
+        return t
+    return t.narrow(dim, 0, sel) if isinstance(sel, int) else t.index_select(dim, sel.to(t.device))
+
+
+class _SubWeight(torch.autograd.Function):
+    """w[rows][:, cols] whose backward adds the gradient into the kept slice of the weight's existing
+    gradient buffer (megatron DDP's `main_grad`, else `.grad`) instead of returning a zero-filled
+    parent-sized gradient: backward cost then follows the budget too."""
+
+    @staticmethod
+    def forward(ctx, w, rows, cols):
+        ctx.save_for_backward(w)
+        ctx.rows, ctx.cols = rows, cols
+        return _select(_select(w, 0, rows), 1, cols).contiguous()
+
+    @staticmethod
+    def backward(ctx, g):
+        (w,) = ctx.saved_tensors
+        buf = getattr(w, "main_grad", None)
+        if buf is None:
+            if w.grad is None:
+                w.grad = torch.zeros_like(w)
+            buf = w.grad
+        rows, cols = ctx.rows, ctx.cols
+        if isinstance(cols, torch.Tensor):  # rows is a prefix (or all): add along dim 1
+            target = buf if rows is None else buf.narrow(0, 0, rows)
+            target.index_add_(1, cols.to(buf.device), g.to(buf.dtype))
+        else:
+            target = buf if cols is None else buf.narrow(1, 0, cols)
+            if isinstance(rows, torch.Tensor):
+                target.index_add_(0, rows.to(buf.device), g.to(buf.dtype))
+            else:
+                (target if rows is None else target.narrow(0, 0, rows)).add_(g.to(buf.dtype))
+        return None, None, None
+
+
+def _sub(w: torch.Tensor, rows=None, cols=None) -> torch.Tensor:
+    """The kept rows / columns of a weight (prefix length or index tensor each); `w` itself when full."""
+    rows = _norm_sel(rows, w.shape[0])
+    cols = _norm_sel(cols, w.shape[1]) if w.dim() > 1 else None
+    if rows is None and cols is None:
         return w
-    return w.narrow(dim, 0, n)
+    if isinstance(rows, torch.Tensor) and isinstance(cols, torch.Tensor):
+        return _select(_select(w, 0, rows), 1, cols)  # not used by the layers; plain autograd
+    if not (w.requires_grad and torch.is_grad_enabled()):
+        return _select(_select(w, 0, rows), 1, cols)
+    return _SubWeight.apply(w, rows, cols)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -163,9 +212,9 @@ class ElasticHybrid:
             # p2p buffers have the parent's width: pad a narrower hidden with zeros.
             return F.pad(x, (0, self.m.hidden_size - x.shape[-1])) if x.shape[-1] < self.m.hidden_size else x
         hmask = masks.hidden if soft else None
-        x = rms_norm(x, _take(model.decoder.final_norm.weight, 0, None, hk), self.m.norm_epsilon, hmask)
+        x = rms_norm(x, _sub(model.decoder.final_norm.weight, rows=hk), self.m.norm_epsilon, hmask)
         x = copy_to_tensor_model_parallel_region(x)
-        logits = F.linear(x, _take(model.output_layer.weight, 1, None, hk))  # [s, b, V/tp]
+        logits = F.linear(x, _sub(model.output_layer.weight, cols=hk))  # [s, b, V/tp]
         if labels is None:
             return logits.transpose(0, 1).contiguous()  # [b, s, V/tp]
         loss = tensor_parallel.vocab_parallel_cross_entropy(logits.float(), labels.transpose(0, 1).contiguous())
@@ -175,7 +224,7 @@ class ElasticHybrid:
 
     def _norm(self, norm, x, masks):
         hk = x.shape[-1]
-        return rms_norm(x, _take(norm.weight, 0, None, hk), self.m.norm_epsilon, masks.hidden if masks else None)
+        return rms_norm(x, _sub(norm.weight, rows=hk), self.m.norm_epsilon, masks.hidden if masks else None)
 
     def _mamba(self, layer, x, s: Subnet, k: int, masks: Optional[SoftMasks]):
         mixer, m = layer.mixer, self.m
@@ -189,11 +238,11 @@ class ElasticHybrid:
         else:
             a, d = heads_l // groups_l, p  # full width, masked below
         rows, conv_idx, kept_heads, chans = _mamba_rows(heads_l, groups_l, p, n, a, d)
-        zxbcdt = F.linear(h, _take(_take(mixer.in_proj.weight, 0, rows), 1, None, hk))  # [s, b, *]
+        zxbcdt = F.linear(h, _sub(mixer.in_proj.weight, rows=rows, cols=hk))  # [s, b, *]
         d_in = kept_heads.numel() * d
-        A = -torch.exp(_take(mixer.A_log, 0, kept_heads).float())
-        conv_w = _take(mixer.conv1d.weight, 0, conv_idx).squeeze(1)  # [c, w]
-        conv_b = _take(mixer.conv1d.bias, 0, conv_idx)
+        A = -torch.exp(_sub(mixer.A_log, rows=kept_heads).float())
+        conv_w = _sub(mixer.conv1d.weight, rows=conv_idx).squeeze(1)  # [c, w]
+        conv_b = _sub(mixer.conv1d.bias, rows=conv_idx)
         z, xbc, dt = torch.split(zxbcdt.transpose(0, 1), [d_in, d_in + 2 * groups_l * n, kept_heads.numel()], dim=-1)
         xbc = F.silu(_causal_conv(xbc, conv_w, conv_b))  # [b, s, c]
         xs, B, C = torch.split(xbc, [d_in, groups_l * n, groups_l * n], dim=-1)
@@ -206,11 +255,11 @@ class ElasticHybrid:
         b_, s_ = xs.shape[:2]
         y = _mixer_ops().mamba_chunk_scan_combined(
             xs.reshape(b_, s_, -1, d), dt, A, B.reshape(b_, s_, groups_l, n), C.reshape(b_, s_, groups_l, n),
-            mixer.chunk_size, D=_take(mixer.D, 0, kept_heads), z=z.reshape(b_, s_, -1, d),
-            dt_bias=_take(mixer.dt_bias, 0, kept_heads).float(), dt_softplus=True,
+            mixer.chunk_size, D=_sub(mixer.D, rows=kept_heads), z=z.reshape(b_, s_, -1, d),
+            dt_bias=_sub(mixer.dt_bias, rows=kept_heads).float(), dt_softplus=True,
         ).reshape(b_, s_, d_in)
-        y = group_rms_norm(y, _take(mixer.norm.weight, 0, chans), groups_l, 1e-5, chan_mask)
-        y = F.linear(y.transpose(0, 1), _take(_take(mixer.out_proj.weight, 0, None, hk), 1, chans))
+        y = group_rms_norm(y, _sub(mixer.norm.weight, rows=chans), groups_l, 1e-5, chan_mask)
+        y = F.linear(y.transpose(0, 1), _sub(mixer.out_proj.weight, rows=hk, cols=chans))
         return reduce_from_tensor_model_parallel_region(y)
 
     def _attention(self, layer, x, s: Subnet, k: int, masks: Optional[SoftMasks]):
@@ -220,7 +269,7 @@ class ElasticHybrid:
         hk = x.shape[-1]
         h = copy_to_tensor_model_parallel_region(self._norm(layer.input_layernorm, x, masks))
         qkv_rows, proj_cols = _attn_rows(groups_l, hpg, d, a)
-        qkv = F.linear(h, _take(_take(att.linear_qkv.weight, 0, qkv_rows), 1, None, hk))  # [s, b, G*(a+2)*d]
+        qkv = F.linear(h, _sub(att.linear_qkv.weight, rows=qkv_rows, cols=hk))  # [s, b, G*(a+2)*d]
         sq, b_ = qkv.shape[:2]
         qkv = qkv.view(sq, b_, groups_l, a + 2, d)
         q = qkv[:, :, :, :a].reshape(sq, b_, groups_l * a, d).permute(1, 2, 0, 3)  # [b, G*a, s, d]
@@ -233,18 +282,18 @@ class ElasticHybrid:
             hmask = masks.attn_heads[k][r * groups_l * hpg:(r + 1) * groups_l * hpg]
             ctx = ctx * hmask[None, :, None, None]
         ctx = ctx.permute(2, 0, 1, 3).reshape(sq, b_, -1)  # [s, b, G*a*d]
-        out = F.linear(ctx, _take(_take(att.linear_proj.weight, 0, None, hk), 1, proj_cols))
+        out = F.linear(ctx, _sub(att.linear_proj.weight, rows=hk, cols=proj_cols))
         return reduce_from_tensor_model_parallel_region(out)
 
     def _mlp(self, layer, x, s: Subnet, k: int, masks: Optional[SoftMasks]):
         mlp, hk = layer.mlp, x.shape[-1]
         f = None if masks is not None else s.ffn[k] // self.tp
         h = copy_to_tensor_model_parallel_region(self._norm(layer.pre_mlp_layernorm, x, masks))
-        inter = squared_relu(F.linear(h, _take(_take(mlp.linear_fc1.weight, 0, None, f), 1, None, hk)))
+        inter = squared_relu(F.linear(h, _sub(mlp.linear_fc1.weight, rows=f, cols=hk)))
         if masks is not None:
             r, f_l = ps.get_tensor_model_parallel_rank(), mlp.linear_fc1.weight.shape[0]
             inter = inter * masks.ffn[k][r * f_l:(r + 1) * f_l]
-        out = F.linear(inter, _take(_take(mlp.linear_fc2.weight, 0, None, hk), 1, None, f))
+        out = F.linear(inter, _sub(mlp.linear_fc2.weight, rows=hk, cols=f))
         return reduce_from_tensor_model_parallel_region(out)
 
 
