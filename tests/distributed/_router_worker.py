@@ -66,6 +66,7 @@ def main() -> None:
             "params_equal_after_training": all(torch.equal(p, params[0]) for p in params),
             "inference_equal": all(a == all_after[0] for a in all_after),
         }))
+    dist.barrier()  # leave together: a rank exiting mid-teardown can abort its gloo peer
     dist.destroy_process_group()
 
 
