@@ -395,7 +395,7 @@ def validate(cfg: RunConfig) -> None:
     if p.context != 1:
         _fail("parallel.context", f"context parallelism is not supported yet; set it to 1 (got {p.context})")
     if p.expert != 1:
-        _fail("parallel.expert", f"expert parallelism needs MoE layers, which this model has none of; set it to 1")
+        _fail("parallel.expert", "expert parallelism needs MoE layers, which this model has none of; set it to 1")
 
     d = cfg.data
     if d.seq_length <= 1:
