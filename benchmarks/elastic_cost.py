@@ -199,7 +199,6 @@ def bench_model(name: str, overrides: list[str], rounds: int, warmup: int, quick
             profile[v] = {k: round(x, 1) for k, x in sorted(best.items())} | {"total": round(sum(best.values()), 1)}
             log(f"[{name}]   profile {v} (self CPU ms): {profile[v]}")
     model.zero_grad(set_to_none=True)
-    del sliced  # free the optional standalone model; model/elastic go with the function scope
     gc.collect()
     return {
         "profile_ms": profile,
