@@ -138,6 +138,7 @@ def _nested(rows: list[dict]) -> bool:
 def _evaluate(model_dir: str, n_short: int, n_long: int, seed: int) -> dict:
     from .data.synthetic import STEP_RANGES, SyntheticReasoningDataset, extract_answer, heldout_problems
     from .data.tokenizer import load_tokenizer
+    from .inference import greedy_generate
     from .model.hybrid import build_model, padded_vocab_size
     from .parallel import ParallelLayout, destroy_distributed, init_distributed
     from .train.checkpoint import latest_checkpoint, load_checkpoint
@@ -160,33 +161,12 @@ def _evaluate(model_dir: str, n_short: int, n_long: int, seed: int) -> dict:
         for split, n, max_new in (("short", n_short, 120), ("long", n_long, 520)):
             lo, hi = STEP_RANGES[split]
             problems = heldout_problems(n, seed=seed, min_steps=lo, max_steps=hi)
-            texts = greedy_generate(model, tok, [p.prompt for p in problems], max_new)
+            texts = greedy_generate(model, tok, [p.prompt for p in problems], max_new,
+                                    cfg.model.hybrid_override_pattern, cfg.model.norm_epsilon)
             acc[f"accuracy_{split}"] = sum(extract_answer(t) == p.answer for t, p in zip(texts, problems)) / n
         return {"heldout_loss": sum(losses) / len(losses), **acc}
     finally:
         destroy_distributed()
-
-
-@torch.no_grad()
-def greedy_generate(model, tok, prompts: list[str], max_new: int, batch: int = 32) -> list[str]:
-    """Greedy decoding of many prompts at once: prompts are left-padded to one length, and each
-    step recomputes the batch's forward (no cache; fine for the tiny demo models)."""
-    out = []
-    for i in range(0, len(prompts), batch):
-        ids = [[tok.bos_id] + tok.encode(p) for p in prompts[i:i + batch]]
-        width = max(map(len, ids))
-        x = torch.tensor([[tok.pad_id] * (width - len(s)) + s for s in ids])
-        done = torch.zeros(len(ids), dtype=torch.bool)
-        for _ in range(max_new):
-            pos = torch.arange(x.shape[1]).expand_as(x)
-            nxt = model(x, pos, None)[:, -1].argmax(-1)
-            nxt = torch.where(done, torch.full_like(nxt, tok.pad_id), nxt)
-            x = torch.cat([x, nxt[:, None]], dim=1)
-            done |= nxt == tok.eos_id
-            if bool(done.all()):
-                break
-        out += [tok.decode(row[width:].tolist()) for row in x]
-    return out
 
 
 def _write_report(out: Path, report: dict) -> None:

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from einops import rearrange
 
 _NO_LIMIT = (0.0, float("inf"))
+CPU_CHUNK = 32  # longest chunk the CPU scan uses (see mamba_chunk_scan_combined)
 
 
 def _compute_dtype(t: torch.Tensor) -> torch.dtype:
@@ -69,45 +70,49 @@ def mamba_chunk_scan_combined(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bia
     if tuple(dt_limit) != _NO_LIMIT:
         dt = dt.clamp(min=dt_limit[0], max=dt_limit[1])
 
-    # Heads are grouped contiguously: head i reads B/C group i // (h // g).
-    Bh = B.to(ct).repeat_interleave(h // g, dim=2)  # (b,l,h,n)
-    Ch = C.to(ct).repeat_interleave(h // g, dim=2)
+    # Layout (b, c, g, i, Q, ...): c chunks of Q steps, heads split into B/C group g and head i
+    # inside it (head = g * i_per_group + i), so B/C are never repeated per head and every
+    # contraction below is a batched matmul. The result does not depend on Q; the quadratic
+    # intra-chunk work grows with it, so on CPU we cap it (fastest at 16-32 in our measurements).
+    i = h // g
+    Q = min(chunk_size, CPU_CHUNK)
+    pad = (-l) % Q  # padded steps get dt = 0: no decay and no input, the final state is unchanged
+    c = (l + pad) // Q
     xc = x.to(ct)
+    X = F.pad(xc * dt[..., None], (0, 0, 0, 0, 0, pad)).view(b, c, Q, g, i, p).permute(0, 1, 3, 4, 2, 5)
+    dA = F.pad(dt * A.to(ct), (0, 0, 0, pad)).view(b, c, Q, g, i).permute(0, 1, 3, 4, 2)  # (b,c,g,i,Q)
+    Bp = F.pad(B.to(ct), (0, 0, 0, 0, 0, pad)).view(b, c, Q, g, n).permute(0, 1, 3, 2, 4)  # (b,c,g,Q,n)
+    Cp = F.pad(C.to(ct), (0, 0, 0, 0, 0, pad)).view(b, c, Q, g, n).permute(0, 1, 3, 2, 4)
+    # Chunk-local cumulative log-decay. Differences of it give the decay between two steps; taking
+    # them in float64 avoids the cancellation error of differencing an fp32 cumsum.
+    cs64 = torch.cumsum(dA.to(torch.float64), dim=-1)
+    cs = cs64.to(ct)
 
-    # Pad l up to a multiple of the chunk size. Padded steps get dt = 0: no decay and no input,
-    # so the final state equals the state after the last real token.
-    pad = (-l) % chunk_size
-    X = F.pad(xc * dt[..., None], (0, 0, 0, 0, 0, pad))  # discretized input dt*x
-    dA = F.pad(dt * A.to(ct), (0, 0, 0, pad))  # (b,L,h) log-decay per step
-    Bp = F.pad(Bh, (0, 0, 0, 0, 0, pad))
-    Cp = F.pad(Ch, (0, 0, 0, 0, 0, pad))
-    X, Bp, Cp = (rearrange(t, "b (c s) h d -> b c s h d", s=chunk_size) for t in (X, Bp, Cp))
-    dA = rearrange(dA, "b (c s) h -> b h c s", s=chunk_size)
-    dA_cs = torch.cumsum(dA, dim=-1)  # (b,h,c,s)
-
-    # 1. Within each chunk: quadratic (attention-like) form with the causal decay matrix.
-    Ldecay = torch.exp(_segsum(dA))  # (b,h,c,s,s)
-    CB = torch.einsum("bclhn,bcshn->bhcls", Cp, Bp)
-    Y_diag = torch.einsum("bhcls,bcshp->bclhp", CB * Ldecay, X)
+    # 1. Within each chunk: attention-like form, (C_l . B_s) * exp(cs_l - cs_s) for s <= l.
+    causal = torch.tril(torch.ones(Q, Q, dtype=torch.bool, device=x.device))
+    decay = torch.exp((cs64[..., :, None] - cs64[..., None, :]).to(ct).masked_fill(~causal, float("-inf")))
+    CB = Cp @ Bp.transpose(-1, -2)  # (b,c,g,Q,Q), shared by the heads of a group
+    Y = (CB[:, :, :, None] * decay) @ X  # (b,c,g,i,Q,p)
 
     # 2. State each chunk leaves behind when started from zero.
-    decay_states = torch.exp(dA_cs[..., -1:] - dA_cs)  # (b,h,c,s)
-    states = torch.einsum("bclhn,bhcl,bclhp->bchpn", Bp, decay_states, X)
+    decay_states = torch.exp(cs[..., -1:] - cs)  # (b,c,g,i,Q)
+    states = (X * decay_states[..., None]).transpose(-1, -2) @ Bp[:, :, :, None]  # (b,c,g,i,p,n)
 
     # 3. Carry states across chunks (a short recurrence, written as a segsum matmul).
     if initial_states is None:
         init = torch.zeros_like(states[:, :1])
     else:
-        init = initial_states.to(ct)[:, None]  # (b,1,h,p,n)
-    states = torch.cat([init, states], dim=1)  # (b,c+1,h,p,n)
-    decay_chunk = torch.exp(_segsum(F.pad(dA_cs[..., -1], (1, 0))))  # (b,h,c+1,c+1)
-    new_states = torch.einsum("bhzc,bchpn->bzhpn", decay_chunk, states)
-    states, final_state = new_states[:, :-1], new_states[:, -1]
+        init = initial_states.to(ct).reshape(b, 1, g, i, p, n)
+    states = torch.cat([init, states], dim=1).permute(0, 2, 3, 1, 4, 5)  # (b,g,i,c+1,p,n)
+    decay_chunk = torch.exp(_segsum(F.pad(cs[..., -1].permute(0, 2, 3, 1), (1, 0))))  # (b,g,i,c+1,c+1)
+    states = (decay_chunk @ states.reshape(b, g, i, c + 1, p * n)).view(b, g, i, c + 1, p, n)
+    final_state = states[:, :, :, -1].reshape(b, h, p, n)
+    entering = states[:, :, :, :-1].permute(0, 3, 1, 2, 4, 5)  # (b,c,g,i,p,n): state entering chunk c
 
     # 4. Contribution of the state entering each chunk to that chunk's outputs.
-    Y_off = torch.einsum("bclhn,bchpn,bhcl->bclhp", Cp, states, torch.exp(dA_cs))
+    Y = Y + (Cp[:, :, :, None] @ entering.transpose(-1, -2)) * torch.exp(cs)[..., None]
 
-    y = rearrange(Y_diag + Y_off, "b c s h p -> b (c s) h p")[:, :l]
+    y = Y.permute(0, 1, 4, 2, 3, 5).reshape(b, c * Q, h, p)[:, :l]  # (b,l,h,p)
     if D is not None:
         Dc = D.to(ct)
         y = y + xc * (Dc[:, None] if Dc.dim() == 1 else Dc)

@@ -1,0 +1,124 @@
+"""Cached greedy decoding for a (sliced or parent) hybrid model on one process.
+
+    texts = greedy_generate(model, tok, prompts, max_new=120)
+
+Without a cache every new token re-runs the whole prefix: a 500-token answer costs ~125k token
+forwards per row. Here each layer keeps its decode state, so a token costs one step:
+
+    Mamba-2:   conv state  [b, c, w]  (the last w inputs of the depthwise causal conv)
+               SSM state   [b, H, p, N]   h <- exp(dt*A) h + dt * x B^T ;  y = h C + D x
+    attention: K, V cache  [b, G, t, d]   (grows by one position per step)
+    MLP:       stateless
+
+The step math is the recurrent form of the chunked scan the model trains with (same weights, same
+gating and group RMSNorm), so cached logits equal the full forward's to fp32 rounding
+(tests/unit/test_inference.py). Rows with prompts of different lengths need no padding: every row
+advances one position per step, feeding its own prompt token while it has one and its last
+generated token after that. Tensor parallel / pipeline stages are not handled (evaluation runs the
+exported model at TP=1); the layers must be megatron's local modules (not Transformer Engine's
+fused norm+linear).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .elastic.model import group_rms_norm, rms_norm
+
+
+class CachedDecoder:
+    """Step-by-step forward of a megatron MambaModel (TP=1, PP=1) with per-layer decode state."""
+
+    def __init__(self, model, pattern: str, eps: float):
+        if not (model.pre_process and model.post_process):
+            raise ValueError("cached decoding needs the whole model on one process (PP=1)")
+        self.model, self.pattern, self.eps = model, pattern, eps
+        self.state: list = [None] * len(pattern)
+
+    @torch.no_grad()
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens [b] (the next position of every row) -> logits [b, V]."""
+        m = self.model
+        x = m.embedding.word_embeddings(tokens)  # [b, h]
+        for i, (kind, layer) in enumerate(zip(self.pattern, m.decoder.layers)):
+            if kind == "M":
+                x = x + self._mamba(i, layer, x)
+            elif kind == "*":
+                x = x + self._attention(i, layer, x)
+            else:
+                h = rms_norm(x, layer.pre_mlp_layernorm.weight, self.eps)
+                x = x + F.linear(F.relu(F.linear(h, layer.mlp.linear_fc1.weight)).square(),
+                                 layer.mlp.linear_fc2.weight)
+        x = rms_norm(x, m.decoder.final_norm.weight, self.eps)
+        return F.linear(x, m.output_layer.weight)  # [b, V]
+
+    def _mamba(self, i: int, layer, x: torch.Tensor) -> torch.Tensor:
+        mx = layer.mixer
+        H, p, G, N = mx.nheads_local_tp, mx.headdim, mx.ngroups_local_tp, mx.d_state
+        d_in, b = H * p, x.shape[0]
+        zxbcdt = F.linear(rms_norm(x, layer.norm.weight, self.eps), mx.in_proj.weight)  # [b, 2d_in+2GN+H]
+        z, xbc, dt = torch.split(zxbcdt, [d_in, d_in + 2 * G * N, H], dim=-1)
+        if self.state[i] is None:
+            w = mx.conv1d.weight.shape[-1]
+            self.state[i] = (x.new_zeros(b, xbc.shape[-1], w), x.new_zeros(b, H, p, N, dtype=torch.float32))
+        conv, ssm = self.state[i]
+        conv.copy_(torch.cat([conv[:, :, 1:], xbc[:, :, None]], dim=-1))  # shift in the newest input
+        xbc = F.silu((conv * mx.conv1d.weight.squeeze(1)).sum(-1) + mx.conv1d.bias)  # [b, c]
+        xs, B, C = torch.split(xbc, [d_in, G * N, G * N], dim=-1)
+        xs = xs.view(b, H, p).float()
+        B = B.view(b, G, 1, N).expand(b, G, H // G, N).reshape(b, H, N).float()  # head h uses group h // (H/G)
+        C = C.view(b, G, 1, N).expand(b, G, H // G, N).reshape(b, H, N).float()
+        dt = F.softplus(dt.float() + mx.dt_bias.float())  # [b, H]
+        A = -torch.exp(mx.A_log.float())  # [H]
+        ssm.mul_(torch.exp(dt * A)[:, :, None, None]).add_(dt[:, :, None, None] * xs[..., None] * B[:, :, None, :])
+        y = (ssm * C[:, :, None, :]).sum(-1) + mx.D.float()[None, :, None] * xs  # [b, H, p]
+        y = y.reshape(b, d_in).to(x.dtype) * F.silu(z)
+        y = group_rms_norm(y, mx.norm.weight, G, 1e-5)
+        return F.linear(y, mx.out_proj.weight)
+
+    def _attention(self, i: int, layer, x: torch.Tensor) -> torch.Tensor:
+        att = layer.self_attention
+        d = att.hidden_size_per_attention_head
+        G = att.num_query_groups_per_partition
+        hpg = att.num_attention_heads_per_partition // G
+        b = x.shape[0]
+        qkv = F.linear(rms_norm(x, layer.input_layernorm.weight, self.eps), att.linear_qkv.weight)
+        qkv = qkv.view(b, G, hpg + 2, d)  # per group: [q_0 .. q_hpg-1, k, v]
+        q, k, v = qkv[:, :, :hpg], qkv[:, :, hpg:hpg + 1], qkv[:, :, hpg + 1:]  # k, v [b, G, 1, d]
+        if self.state[i] is not None:
+            k, v = torch.cat([self.state[i][0], k], dim=2), torch.cat([self.state[i][1], v], dim=2)
+        self.state[i] = (k, v)  # [b, G, t, d]
+        q = q.reshape(b, G * hpg, 1, d)
+        k, v = k.repeat_interleave(hpg, dim=1), v.repeat_interleave(hpg, dim=1)
+        ctx = F.scaled_dot_product_attention(q, k, v)  # the newest position sees every cached one
+        return F.linear(ctx.reshape(b, G * hpg * d), att.linear_proj.weight)
+
+
+@torch.no_grad()
+def greedy_generate(model, tok, prompts: list[str], max_new: int, pattern: str, eps: float,
+                    batch: int = 64) -> list[str]:
+    """Greedy continuation of each prompt (after <bos>) until <eos> or max_new tokens."""
+    out = []
+    for start in range(0, len(prompts), batch):
+        ids = [[tok.bos_id] + tok.encode(p) for p in prompts[start:start + batch]]
+        lens = torch.tensor([len(s) for s in ids])
+        longest = int(lens.max())
+        prompt = torch.full((len(ids), longest), tok.pad_id)
+        for r, s in enumerate(ids):
+            prompt[r, :len(s)] = torch.tensor(s)
+        dec, gen = CachedDecoder(model, pattern, eps), [[] for _ in ids]
+        done = torch.zeros(len(ids), dtype=torch.bool)
+        cur = prompt[:, 0]
+        for t in range(longest + max_new - 1):
+            nxt = dec.step(cur).argmax(-1)  # prediction for position t + 1
+            generating = (t + 1 >= lens) & ~done  # rows whose prompt is exhausted
+            for r in torch.nonzero(generating).flatten().tolist():
+                if len(gen[r]) < max_new:
+                    gen[r].append(int(nxt[r]))
+            done |= generating & ((nxt == tok.eos_id) | torch.tensor([len(g) >= max_new for g in gen]))
+            if bool(done.all()):
+                break
+            cur = torch.where(t + 1 < lens, prompt[:, min(t + 1, longest - 1)], nxt)
+        out += [tok.decode(g) for g in gen]
+    return out
