@@ -24,7 +24,7 @@ from ..data.build import build_datasets
 from ..data.tokenizer import load_tokenizer
 from ..model.hybrid import build_model, count_parameters, padded_vocab_size
 from ..parallel import ParallelLayout, destroy_distributed, init_distributed
-from ..train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from ..train.checkpoint import load_checkpoint, resolve_checkpoint, save_checkpoint
 from ..train.loop import run_dtype
 
 
@@ -34,18 +34,8 @@ def _parent(cfg: RunConfig, world: int):
     tok = load_tokenizer(cfg.data.tokenizer)
     vocab = padded_vocab_size(cfg.model, tok.vocab_size, layout.tensor)
     model = build_model(cfg, layout, vocab, run_dtype(cfg.train.precision))
-    loop = load_checkpoint(_resolve_ckpt(cfg.checkpoint.load), model) if cfg.checkpoint.load else {}
+    loop = load_checkpoint(resolve_checkpoint(cfg.checkpoint.load), model) if cfg.checkpoint.load else {}
     return layout, tok, vocab, model, loop
-
-
-def _resolve_ckpt(path: str) -> Path:
-    """A checkpoint dir, or a run/checkpoints dir whose `latest` names one."""
-    p = Path(path)
-    for root in (p, p / "checkpoints"):
-        found = latest_checkpoint(root)
-        if found is not None:
-            return found
-    return p
 
 
 def importance_job(cfg: RunConfig) -> dict:

@@ -40,6 +40,17 @@ def latest_checkpoint(root: str | Path) -> Path | None:
     return path if path.is_dir() else None
 
 
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint dir as given, or the newest one under a checkpoints dir (or a run dir holding
+    `checkpoints/`) whose `latest` names one; `path` itself when neither has a `latest` marker."""
+    p = Path(path)
+    for root in (p, p / "checkpoints"):
+        found = latest_checkpoint(root)
+        if found is not None:
+            return found
+    return p
+
+
 def _save_strategy():
     """megatron's default writer forks worker processes; on our gloo/CPU runs those children die
     silently and the save hangs forever in `count_queue.join()` (seen with megatron-core 0.16.1).

@@ -4,6 +4,8 @@ For every micro-batch:
 
     budget b ~ stage.budget_probs               drawn from (seed, step, micro): identical on all ranks
     decision = router(b)                         Gumbel-softmax, noise from (seed, step, micro, b)
+                                                 (micro: the micro-batch's index in the global batch,
+                                                 so a DP run draws what one process draws for it)
     student logits = parent under decision.subnet (hard: weight prefixes; soft: prefix masks),
                      each layer's output times its straight-through gate (value 1, router gradient)
     teacher logits = the frozen parent, full size (no grad, no optimizer state, never saved)
@@ -36,7 +38,7 @@ from ..elastic.router import all_reduce_router_grads, build_router, router_optim
 from ..elastic.subnet import Subnet, subnet_params
 from ..model.hybrid import build_model, padded_vocab_size
 from ..parallel import ParallelLayout, destroy_distributed, init_distributed
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import latest_checkpoint, load_checkpoint, resolve_checkpoint, save_checkpoint
 from .loop import StepBatches, run_dtype, run_schedule
 from .metrics import MetricsLogger
 from .optim import build_optimizer, lr_at, set_lr, wrap_ddp
@@ -90,17 +92,22 @@ def _elastic_train(cfg: RunConfig, layout: ParallelLayout, layer_order) -> Elast
     total_steps = sum(st.steps for st in cfg.curriculum)
     sched_cfg = replace(t, steps=total_steps)
     optimizer = build_optimizer(ddp, t, layout, dtype)
-    router = build_router(cfg, vocab, layer_order=layer_order, tp=layout.tensor)
+    # FFN choices follow the TP the parent was sorted under (as in `slice`); ElasticHybrid checks it is ours
+    router = build_router(cfg, vocab, layer_order=layer_order, tp=cfg.elastic.sort_tensor_parallel or layout.tensor)
     router_opt = router_optimizer(router, cfg.router)
 
     out_dir = Path(cfg.logging.out_dir)
     ckpt_root = Path(cfg.checkpoint.dir or out_dir / "checkpoints")
-    parent_ckpt = cfg.checkpoint.load
+    parent_ckpt = resolve_checkpoint(cfg.checkpoint.load) if cfg.checkpoint.load else ""
     if cfg.distill.teacher or parent_ckpt:
-        load_checkpoint(cfg.distill.teacher or parent_ckpt, teacher)
+        load_checkpoint(resolve_checkpoint(cfg.distill.teacher) if cfg.distill.teacher else parent_ckpt, teacher)
+    # Frozen by running it under torch.no_grad() with no optimizer, *not* by requires_grad_(False):
+    # ATen picks the GEMM for a 3-D input by the weight's requires_grad flag (matmul folds [s, b, k]
+    # into one mm only for weights that require grad, whatever the grad mode), so a flagged-off
+    # teacher rounds differently from the student holding the same weights. KD(teacher || student)
+    # at full size would then be ~1e-8 instead of 0, and Adam's first step would turn that rounding
+    # noise into ~lr-sized updates of weights whose true gradient is zero (different on every layout).
     teacher.eval()
-    for p in teacher.parameters():
-        p.requires_grad_(False)
     start = 0
     resume_from = latest_checkpoint(ckpt_root) if cfg.checkpoint.resume else None
     if resume_from is not None:
@@ -140,21 +147,28 @@ def _elastic_train(cfg: RunConfig, layout: ParallelLayout, layer_order) -> Elast
             ddp.zero_grad_buffer()
             optimizer.zero_grad()
             router_opt.zero_grad()
+            # One decision per micro-batch of the *global* batch, keyed by its global index: this DP
+            # rank runs micro-batches [first, first + n_micro) (its samples, see StepBatches), so a DP
+            # run draws for every sample the budget and subnet one process draws for it. The other
+            # ranks' decisions are made without autograd, only to log the step's subnets.
+            first = ps.get_data_parallel_rank() * n_micro
             decisions = []
-            for micro in range(n_micro):
-                b = draw_budget(probs, t.seed, step, micro)
-                dec = router(b, step=step, total_steps=total_steps, seed=t.seed, hard=hard, micro=micro)
+            for gm in range(n_micro * layout.data):
+                b = draw_budget(probs, t.seed, step, gm)
+                with torch.set_grad_enabled(first <= gm < first + n_micro):
+                    dec = router(b, step=step, total_steps=total_steps, seed=t.seed, hard=hard, micro=gm)
                 if b in full_budgets:  # the full model is one of the budgets: no router choice to make
                     dec = replace(dec, subnet=Subnet.full(cfg.model), layer_gates=torch.ones_like(dec.layer_gates),
                                   budget_loss=dec.budget_loss * 0)
                 decisions.append(dec)
-            fwd = partial(_forward_step, s_view, t_view, decisions, router, cfg)
+            mine = decisions[first:first + n_micro]
+            fwd = partial(_forward_step, s_view, t_view, mine, router, cfg)
             data = StepBatches(train_ds, step - stage_start, n_micro, mbs, gbs, ps.get_data_parallel_rank())
             outs = run_schedule(ddp, fwd, data, n_micro, cfg, seq, micro_batch_size=mbs)
             all_reduce_router_grads(router)
             router_opt.step()
             ok, grad_norm, _ = optimizer.step()
-            record = _reduce_metrics(outs, decisions, names, cfg.model, vocab)
+            record = _reduce_metrics(outs, mine, decisions, names, cfg.model, vocab)
             record.update(step=step + 1, stage=stage.name, lr=lr_at(step, sched_cfg), grad_norm=float(grad_norm or 0),
                           tokens_per_s=gbs * seq / (time.perf_counter() - tic))
             result.losses.append(record["loss"])
@@ -205,11 +219,13 @@ def _loss(batch, teacher, dec, cfg: RunConfig, student):
     return total, {"stats": stats}
 
 
-def _reduce_metrics(outs: list[dict], decisions, names: list[str], m, vocab: int) -> dict:
-    """Per-budget means over micro-batches and DP ranks (budgets are drawn identically on all ranks)."""
+def _reduce_metrics(outs: list[dict], mine, decisions, names: list[str], m, vocab: int) -> dict:
+    """Per-budget means over the micro-batches of all DP ranks. `mine`: this rank's decisions (one per
+    entry of `outs`); `decisions`: those of the whole global batch (the same list on every rank), whose
+    first micro-batch of a budget gives that budget's logged subnet."""
     n = len(names)
     sums = torch.zeros(n, 6, dtype=torch.float64)
-    for out, dec in zip(outs, decisions):
+    for out, dec in zip(outs, mine, strict=True):
         sums[dec.budget_idx, :5] += out["stats"].double().cpu()
         sums[dec.budget_idx, 5] += 1
     if torch.cuda.is_available():
