@@ -181,6 +181,11 @@ class ElasticConfig:
     # TP size the parent was sorted under: FFN neurons are sorted inside each TP shard, so every
     # shard keeps the same count (0 = parallel.tensor). Train and slice with the same value.
     sort_tensor_parallel: int = 0
+    # Hand-picked subnets, one entry per budget (same order): "" = the router chooses that budget's
+    # subnet; else a subnet.json written by `elastic-megatron slice`, or a homogeneous spec such as
+    # "hidden=0.75,mamba_heads=0.5,attn_heads=0.5,ffn=0.5" (fractions or sizes; axes left out stay
+    # full). A hand-picked budget always trains and slices that fixed subnet (prune-and-distill).
+    subnets: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -491,6 +496,15 @@ def _validate_elastic(cfg: RunConfig) -> None:
         _fail("elastic.budgets", "needs at least one budget")
     for b in e.budgets:
         parse_budget(b)
+    if e.subnets:
+        if len(e.subnets) != len(e.budgets):
+            _fail("elastic.subnets", f"has {len(e.subnets)} entries but elastic.budgets has {len(e.budgets)}; give "
+                                     "one per budget (\"\" lets the router choose)")
+        from .elastic.subnet import subnet_from_spec
+
+        for spec in e.subnets:
+            if spec:
+                subnet_from_spec(spec, cfg.model, tp=e.sort_tensor_parallel or cfg.parallel.tensor)
     for axis in _AXES:
         for v in getattr(e, axis):
             if v <= 0:

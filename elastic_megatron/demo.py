@@ -31,9 +31,10 @@ def _say(msg: str) -> None:
 
 
 def demo_config(out: Path, overrides: list[str]) -> RunConfig:
-    base = [f"logging.out_dir={out}", "logging.wandb_mode=offline", "train.steps=300", "train.eval_interval=100",
+    base = [f"logging.out_dir={out}", "logging.wandb_mode=offline", "train.steps=450", "train.eval_interval=150",
             "train.lr=3e-3", "train.warmup_steps=20", "data.min_steps=2", "data.max_steps=3", "data.seq_length=128",
-            f"elastic.budgets={json.dumps(BUDGETS)}", "elastic.importance_batches=4"]
+            f"elastic.budgets={json.dumps(BUDGETS)}", "elastic.importance_batches=4",
+            "curriculum.0.steps=120", "curriculum.1.steps=30"]
     return load_config(None, base + list(overrides))
 
 
@@ -77,7 +78,7 @@ def run_demo(out_dir: str, overrides: list[str] | None = None, n_short: int = 64
     rows = _slice_family(el_cfg, result, out / "models")
     _say("5/5 evaluating the sliced models")
     for row in rows:
-        row.update(_evaluate(row["path"], n_short, n_long, cfg.train.seed))
+        row.update(evaluate_model(row["path"], n_short, n_long, cfg.train.seed))
         _say(f"  {row['name']}: {row['params']:,} params, held-out loss {row['heldout_loss']:.3f}, "
              f"accuracy short {row['accuracy_short']:.2f} long {row['accuracy_long']:.2f}")
     timings["slice_eval_s"] = time.time() - t0 - sum(timings.values())
@@ -94,37 +95,12 @@ def _finished(run: Path, steps: int) -> bool:
 
 
 def _slice_family(cfg: RunConfig, result, models_dir: Path) -> list[dict]:
-    from .data.tokenizer import load_tokenizer
-    from .elastic.slicing import gather_full_state, load_full_state, slice_state, sliced_model_config, write_standalone
-    from .elastic.subnet import Subnet, nest_family
-    from .model.hybrid import build_model, count_parameters, padded_vocab_size
-    from .parallel import ParallelLayout, destroy_distributed, init_distributed
-    from .train.checkpoint import load_checkpoint
+    """The router's family from the final elastic checkpoint (router state included), sliced."""
+    from .elastic.jobs import slice_job
 
-    router = result.router
-    subnets = [Subnet.full(cfg.model) if i == 0 else router.inference(i) for i in range(len(router.targets))]
-    family = nest_family(subnets)
-    layout = ParallelLayout.resolve(cfg, 1)
-    init_distributed(layout, cfg.train.seed)
-    try:
-        vocab = padded_vocab_size(cfg.model, load_tokenizer(cfg.data.tokenizer).vocab_size, 1)
-        parent = build_model(cfg, layout, vocab, torch.float32)
-        load_checkpoint(result.checkpoint, parent)
-        full = gather_full_state(parent, cfg, layout)
-        rows = []
-        for name, target, s in zip(cfg.elastic.budgets, router.targets, family):
-            small_cfg = replace(cfg, model=sliced_model_config(cfg.model, s))
-            small = build_model(small_cfg, layout, vocab, torch.float32)
-            load_full_state(small, slice_state(full, cfg.model, s, cfg.elastic.sort_tensor_parallel or 1),
-                            small_cfg, layout)
-            params = count_parameters(small_cfg.model, vocab)
-            path = write_standalone(models_dir / f"budget_{name.replace('.', 'p')}", small_cfg, small, s,
-                                    {"budget": name, "target": target, "params": params})
-            rows.append({"name": name, "target": int(target), "params": params, "path": str(path),
-                         "architecture": {"pattern": small_cfg.model.hybrid_override_pattern, **s.to_dict()}})
-        return rows
-    finally:
-        destroy_distributed()
+    rows = slice_job(replace(cfg, checkpoint=replace(cfg.checkpoint, load=result.checkpoint)), [], str(models_dir))
+    return [{"name": r["budget"], "target": int(r["target"]), "params": r["params"], "path": r["path"],
+             "architecture": {"pattern": r["pattern"], **r["subnet"]}} for r in rows]
 
 
 def _nested(rows: list[dict]) -> bool:
@@ -135,7 +111,8 @@ def _nested(rows: list[dict]) -> bool:
 
 
 @torch.no_grad()
-def _evaluate(model_dir: str, n_short: int, n_long: int, seed: int) -> dict:
+def evaluate_model(model_dir: str, n_short: int, n_long: int, seed: int) -> dict:
+    """Held-out loss and greedy exact-match accuracy (short / long problems; n = 0 skips) of a standalone model."""
     from .data.synthetic import STEP_RANGES, SyntheticReasoningDataset, extract_answer, heldout_problems
     from .data.tokenizer import load_tokenizer
     from .inference import greedy_generate
@@ -159,6 +136,8 @@ def _evaluate(model_dir: str, n_short: int, n_long: int, seed: int) -> dict:
             losses.append(float((per_tok * b["loss_mask"]).sum() / b["loss_mask"].sum()))
         acc = {}
         for split, n, max_new in (("short", n_short, 120), ("long", n_long, 520)):
+            if n == 0:
+                continue
             lo, hi = STEP_RANGES[split]
             problems = heldout_problems(n, seed=seed, min_steps=lo, max_steps=hi)
             texts = greedy_generate(model, tok, [p.prompt for p in problems], max_new,

@@ -85,48 +85,97 @@ def fit_router(cfg: RunConfig, vocab: int, layer_order, steps: int = 600):
     return router
 
 
+def family_subnets(cfg: RunConfig, router, vocab: int) -> list:
+    """One subnet per budget of `cfg.elastic.budgets`, nested (largest first): the full model for a
+    budget at or above the parent's size, the hand-picked subnet where `elastic.subnets` names one,
+    else the router's noise-free choice."""
+    from .subnet import Subnet, nest_family, subnet_from_spec
+
+    parent_params = count_parameters(cfg.model, vocab)
+    specs = list(cfg.elastic.subnets) or [""] * len(cfg.elastic.budgets)
+    tp = cfg.elastic.sort_tensor_parallel or 1
+    out = []
+    for b, (target, spec) in enumerate(zip(router.targets, specs)):
+        if spec:
+            out.append(subnet_from_spec(spec, cfg.model, list(router.layer_order), tp))
+        else:
+            out.append(Subnet.full(cfg.model) if target >= parent_params else router.inference(b))
+    return nest_family(out)
+
+
+def _router_for(cfg: RunConfig, loop: dict, vocab: int, budgets_given: bool, router_path: str = ""):
+    from .importance import ImportanceScores
+
+    order = None
+    if cfg.elastic.importance_path and Path(cfg.elastic.importance_path).exists():
+        order = ImportanceScores.load(cfg.elastic.importance_path).layer_order
+    if router_path:
+        return torch.load(router_path, weights_only=False)
+    if "router" in loop and not budgets_given:  # the router trained by elastic-train, for its own budgets
+        from .router import build_router
+
+        router = build_router(cfg, vocab, layer_order=order, tp=cfg.elastic.sort_tensor_parallel or 1)
+        router.load_state_dict(loop["router"])
+        return router
+    return fit_router(cfg, vocab, order)  # no trained router (or new budgets): fit one on the budget loss alone
+
+
+def _write_slices(single: RunConfig, parent, layout, vocab: int, named: dict, out_dir: str, extra: dict) -> list[dict]:
+    from .slicing import gather_full_state, load_full_state, slice_state, sliced_model_config, write_standalone
+    from .subnet import subnet_params
+
+    full = gather_full_state(parent, single, layout)
+    sort_tp = single.elastic.sort_tensor_parallel or 1
+    rows = []
+    for text, subnet in named.items():
+        small_cfg = replace(single, model=sliced_model_config(single.model, subnet))
+        small = build_model(small_cfg, ParallelLayout.resolve(small_cfg, 1), vocab, torch.float32)
+        load_full_state(small, slice_state(full, single.model, subnet, sort_tp), small_cfg, layout)
+        params = count_parameters(small_cfg.model, vocab)
+        assert params == subnet_params(subnet, single.model, vocab)
+        path = write_standalone(Path(out_dir) / ("budget_" + text.replace(".", "p")), small_cfg, small, subnet,
+                                {"budget": text, "params": params, **extra.get(text, {})})
+        rows.append({"budget": text, "params": params, **extra.get(text, {}), "path": str(path),
+                     "pattern": small_cfg.model.hybrid_override_pattern, "subnet": subnet.to_dict()})
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    (Path(out_dir) / "slices.json").write_text(json.dumps(rows, indent=1))
+    return rows
+
+
 def slice_job(cfg: RunConfig, budgets: list[str], out_dir: str, router_path: str = "") -> list[dict]:
     """Cut each budget out of the sorted parent in `checkpoint.load` into a standalone checkpoint."""
-    from .importance import ImportanceScores
-    from .slicing import gather_full_state, load_full_state, slice_state, sliced_model_config, write_standalone
-    from .subnet import Subnet, nest_family, subnet_params
-
     if budgets:
-        cfg = replace(cfg, elastic=replace(cfg.elastic, budgets=list(budgets)))
+        cfg = replace(cfg, elastic=replace(cfg.elastic, budgets=list(budgets), subnets=[]))
     single = replace(cfg, parallel=replace(cfg.parallel, tensor=1, pipeline=1, data=1))
     layout, tok, vocab, parent, loop = _parent(single, 1)
     try:
-        order = None
-        if cfg.elastic.importance_path and Path(cfg.elastic.importance_path).exists():
-            order = ImportanceScores.load(cfg.elastic.importance_path).layer_order
-        if router_path:
-            router = torch.load(router_path, weights_only=False)
-        elif "router" in loop and not budgets:  # the router trained by elastic-train, for its own budgets
-            from .router import build_router
+        router = _router_for(cfg, loop, vocab, bool(budgets), router_path)
+        family = family_subnets(cfg, router, vocab)
+        named = dict(zip(cfg.elastic.budgets, family))
+        extra = {text: {"target": target} for text, target in zip(cfg.elastic.budgets, router.targets)}
+        return _write_slices(single, parent, layout, vocab, named, out_dir, extra)
+    finally:
+        destroy_distributed()
 
-            router = build_router(cfg, vocab, layer_order=order, tp=cfg.elastic.sort_tensor_parallel or 1)
-            router.load_state_dict(loop["router"])
-        else:  # no trained router (or new budgets): fit one on the budget loss alone
-            router = fit_router(cfg, vocab, order)
-        parent_params = count_parameters(cfg.model, vocab)
-        family = nest_family([Subnet.full(cfg.model) if t >= parent_params else router.inference(b)
-                              for b, t in enumerate(router.targets)])
-        full = gather_full_state(parent, single, layout)
-        sort_tp = cfg.elastic.sort_tensor_parallel or 1
-        rows = []
-        for text, target, subnet in zip(cfg.elastic.budgets, router.targets, family):
-            small_cfg = replace(single, model=sliced_model_config(cfg.model, subnet))
-            small = build_model(small_cfg, ParallelLayout.resolve(small_cfg, 1), vocab, torch.float32)
-            load_full_state(small, slice_state(full, cfg.model, subnet, sort_tp), small_cfg, layout)
-            params = count_parameters(small_cfg.model, vocab)
-            assert params == subnet_params(subnet, cfg.model, vocab)
-            name = "budget_" + text.replace(".", "p")
-            path = write_standalone(Path(out_dir) / name, small_cfg, small, subnet,
-                                    {"budget": text, "target": target, "params": params})
-            rows.append({"budget": text, "target": target, "params": params, "path": str(path),
-                         "pattern": small_cfg.model.hybrid_override_pattern, "subnet": subnet.to_dict()})
-        Path(out_dir).mkdir(parents=True, exist_ok=True)
-        (Path(out_dir) / "slices.json").write_text(json.dumps(rows, indent=1))
-        return rows
+
+def slice_subnets(cfg: RunConfig, named: dict, out_dir: str) -> list[dict]:
+    """Cut the given subnets ({name: Subnet}, not necessarily nested) out of `checkpoint.load`."""
+    single = replace(cfg, parallel=replace(cfg.parallel, tensor=1, pipeline=1, data=1))
+    layout, tok, vocab, parent, _ = _parent(single, 1)
+    try:
+        return _write_slices(single, parent, layout, vocab, named, out_dir, {})
+    finally:
+        destroy_distributed()
+
+
+def family_from_checkpoint(cfg: RunConfig, ckpt: str) -> dict:
+    """{budget: subnet} that the router saved in an elastic-train checkpoint picks (see family_subnets)."""
+    single = replace(cfg, parallel=replace(cfg.parallel, tensor=1, pipeline=1, data=1),
+                     checkpoint=replace(cfg.checkpoint, load=str(ckpt)))
+    _, _, vocab, _, loop = _parent(single, 1)
+    try:
+        if "router" not in loop:
+            raise ValueError(f"{ckpt} holds no router state: pass an elastic-train checkpoint")
+        return dict(zip(cfg.elastic.budgets, family_subnets(cfg, _router_for(cfg, loop, vocab, False), vocab)))
     finally:
         destroy_distributed()

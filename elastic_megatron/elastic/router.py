@@ -71,6 +71,7 @@ class RouterDecision:
     expected_cost: Tensor  # float64 scalar: expected params (or bytes) under `probs`
     budget_loss: Tensor  # fp32 scalar: |expected_cost / target - 1|
     budget_idx: int = 0
+    fixed: bool = False  # the subnet is not the router's (full model or hand-picked): it runs hard, no soft masks
 
 
 def noise_seed(seed: int, step: int, micro: int, budget_idx: int) -> int:
@@ -202,6 +203,11 @@ class RouterSet(nn.Module):
             return expected_params(*args)
         r = self.rcfg
         return expected_memory(*args, r.memory_seq_length, r.memory_batch_size, r.bytes_per_param)
+
+    def cost_of(self, s: Subnet) -> int:
+        """The exact cost of one subnet in the router's unit (parameters or bytes)."""
+        r = self.rcfg
+        return subnet_cost(s, self.m, self.vocab, r.cost, r.memory_seq_length, r.memory_batch_size, r.bytes_per_param)
 
     def gates(self, chosen: dict[str, Tensor]) -> Tensor:
         """[L] straight-through gates: p / p.detach() with p the layer's chosen-probability product."""

@@ -205,3 +205,71 @@ def nest_family(subnets: list[Subnet]) -> list[Subnet]:
                        tuple(a and b for a, b in zip(s.keep, p.keep)))
         out.append(s)
     return out
+
+
+def subnet_from_spec(spec: str, m: ModelConfig, layer_order: Optional[list[int]] = None, tp: int = 1,
+                     key: str = "elastic.subnets") -> Subnet:
+    """A hand-picked subnet, from either
+
+    - a JSON file: `subnet.json` written by `elastic-megatron slice` (its "subnet" entry), or a
+      bare `Subnet.to_dict()`; or
+    - a homogeneous spec "hidden=0.75,mamba_heads=0.5,attn_heads=0.5,ffn=0.5,depth=0.9": per axis a
+      fraction of the parent (0 < f <= 1, written with a dot) or an integer size; axes left out stay
+      full; depth keeps the most important layers of `layer_order`.
+    """
+    import json
+    from pathlib import Path
+
+    if spec.endswith(".json"):
+        if not Path(spec).exists():
+            raise ConfigError(f"config key '{key}': no such subnet file {spec}")
+        d = json.loads(Path(spec).read_text())
+        s = Subnet.from_dict(d.get("subnet", d))
+    else:
+        full = {"hidden": m.hidden_size, "mamba_heads": m.mamba_num_heads, "mamba_head_dim": m.mamba_head_dim,
+                "attn_heads": m.num_attention_heads, "ffn": m.ffn_hidden_size, "depth": m.num_layers}
+        sizes = dict(full)
+        for item in filter(None, (part.strip() for part in spec.split(","))):
+            name, _, value = item.partition("=")
+            name = name.strip()
+            if name not in full:
+                raise ConfigError(f"config key '{key}': unknown axis {name!r} in {spec!r}; axes are {', '.join(AXES)}")
+            try:
+                v = float(value) if "." in value else int(value)
+            except ValueError:
+                raise ConfigError(f"config key '{key}': {item!r} needs a number (a fraction like 0.5 or a size)")
+            sizes[name] = round(v * full[name]) if isinstance(v, float) else v
+        if not 0 < sizes["depth"] <= m.num_layers:
+            raise ConfigError(f"config key '{key}': depth {sizes['depth']} outside 1..{m.num_layers}")
+        s = homogeneous_subnet(m, sizes["hidden"], sizes["mamba_heads"], sizes["mamba_head_dim"], sizes["attn_heads"],
+                               sizes["ffn"], layer_order, sizes["depth"])
+    try:
+        check_subnet(s, m, tp)
+    except ConfigError as e:
+        raise ConfigError(f"config key '{key}': {spec!r} is not a valid subnet of this parent: {e}") from None
+    return s
+
+
+def homogeneous_for_target(m: ModelConfig, vocab_size: int, target: float, tp: int = 1, tol: float = 0.01,
+                           hidden_multiple: int = 8, ffn_multiple: int = 32) -> Subnet:
+    """The hand-picked baseline at a parameter target: one width per axis for every layer, all layers
+    and the full Mamba head dim kept. Among the subnets within `tol` of the target, the most balanced
+    (smallest spread between the hidden, Mamba-head, attention-head and FFN fractions) wins; ties go
+    to the closest size. Without any within `tol`, the closest one."""
+    import itertools
+    import math
+
+    lcm = lambda a, b: a * b // math.gcd(a, b)  # noqa: E731
+    grid = lambda full, mult: range(mult, full + 1, mult)  # noqa: E731
+    best, best_key = None, None
+    for h, mh, ah, f in itertools.product(grid(m.hidden_size, hidden_multiple),
+                                          grid(m.mamba_num_heads, lcm(m.mamba_num_groups, tp)),
+                                          grid(m.num_attention_heads, lcm(m.num_query_groups, tp)),
+                                          grid(m.ffn_hidden_size, lcm(ffn_multiple, tp))):
+        s = homogeneous_subnet(m, h, mh, m.mamba_head_dim, ah, f)
+        err = abs(subnet_params(s, m, vocab_size) / target - 1)
+        fr = (h / m.hidden_size, mh / m.mamba_num_heads, ah / m.num_attention_heads, f / m.ffn_hidden_size)
+        key = (err > tol, max(fr) - min(fr) if err <= tol else err, err)
+        if best_key is None or key < best_key:
+            best, best_key = s, key
+    return best

@@ -35,7 +35,7 @@ from ..data.tokenizer import load_tokenizer
 from ..elastic.distill import kd_loss
 from ..elastic.model import ElasticHybrid, SoftMasks
 from ..elastic.router import all_reduce_router_grads, build_router, router_optimizer
-from ..elastic.subnet import Subnet, subnet_params
+from ..elastic.subnet import Subnet, subnet_from_spec, subnet_params
 from ..model.hybrid import build_model, padded_vocab_size
 from ..parallel import ParallelLayout, destroy_distributed, init_distributed
 from .checkpoint import latest_checkpoint, load_checkpoint, resolve_checkpoint, save_checkpoint
@@ -127,7 +127,11 @@ def _elastic_train(cfg: RunConfig, layout: ParallelLayout, layer_order) -> Elast
     result = ElasticResult(metrics=str(logger.path), router=router, layer_order=list(router.layer_order))
     hard = cfg.elastic.mode == "hard"
     parent_cost = router.expected_cost({a: _one_hot_full(router, a) for a in router.axes}).item()
-    full_budgets = {b for b, target in enumerate(router.targets) if target >= parent_cost * (1 - 1e-9)}
+    fixed = {b: Subnet.full(cfg.model) for b, target in enumerate(router.targets) if target >= parent_cost * (1 - 1e-9)}
+    for b, spec in enumerate(cfg.elastic.subnets):  # hand-picked architectures (prune-and-distill)
+        if spec:
+            fixed[b] = subnet_from_spec(spec, cfg.model, list(router.layer_order), cfg.elastic.sort_tensor_parallel or 1)
+    fixed_cost = {b: router.cost_of(s) for b, s in fixed.items()}
     stage_start = 0
     for stage in cfg.curriculum:
         stage_end = stage_start + stage.steps
@@ -157,9 +161,10 @@ def _elastic_train(cfg: RunConfig, layout: ParallelLayout, layer_order) -> Elast
                 b = draw_budget(probs, t.seed, step, gm)
                 with torch.set_grad_enabled(first <= gm < first + n_micro):
                     dec = router(b, step=step, total_steps=total_steps, seed=t.seed, hard=hard, micro=gm)
-                if b in full_budgets:  # the full model is one of the budgets: no router choice to make
-                    dec = replace(dec, subnet=Subnet.full(cfg.model), layer_gates=torch.ones_like(dec.layer_gates),
-                                  budget_loss=dec.budget_loss * 0)
+                if b in fixed:  # the full model, or a hand-picked subnet: no router choice to make
+                    dec = replace(dec, subnet=fixed[b], layer_gates=torch.ones_like(dec.layer_gates),
+                                  budget_loss=dec.budget_loss * 0, fixed=True,
+                                  expected_cost=torch.tensor(float(fixed_cost[b]), dtype=torch.float64))
                 decisions.append(dec)
             mine = decisions[first:first + n_micro]
             fwd = partial(_forward_step, s_view, t_view, mine, router, cfg)
@@ -194,7 +199,7 @@ def _forward_step(s_view, t_view, decisions, router, cfg: RunConfig, data_iterat
     micro = getattr(data_iterator, "m", 1) - 1
     dec = decisions[micro]
     masks = None
-    if cfg.elastic.mode == "soft":
+    if cfg.elastic.mode == "soft" and not dec.fixed:  # a fixed subnet (full or hand-picked) runs hard
         sm = router.soft_masks(dec)
         masks = SoftMasks(hidden=sm["hidden"], mamba_heads=list(sm["mamba_heads"]), mamba_head_dim=list(sm["mamba_head_dim"]),
                           attn_heads=list(sm["attn_heads"]), ffn=list(sm["ffn"]), keep=sm["depth"])

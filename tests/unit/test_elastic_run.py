@@ -1,0 +1,69 @@
+"""One process through the CLI: `elastic-train` with hand-picked subnets (prune-and-distill) and the
+full budget in soft mode, then `slice` of the result."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.conftest import FAST, read_metrics, run_cli
+
+PARENT = [*FAST, "data.seq_length=32", "train.micro_batch_size=2", "train.global_batch_size=4"]
+ONE_STAGE = ["curriculum=[{name: short, steps: 2}]"]
+SPEC = "hidden=0.5,mamba_heads=0.5,attn_heads=0.5,ffn=0.25,depth=0.8"
+
+
+@pytest.fixture(scope="module")
+def sorted_parent(tmp_path_factory) -> list[str]:
+    root = tmp_path_factory.mktemp("elastic_run_parent")
+    run_cli(["train", *PARENT, "train.steps=2", f"logging.out_dir={root / 'parent'}"])
+    run_cli(["importance", *PARENT, "elastic.importance_batches=2", f"checkpoint.load={root / 'parent'}",
+             f"logging.out_dir={root / 'imp'}"])
+    return ["--config", str(root / "imp" / "sorted" / "config.yaml"),
+            f"checkpoint.load={root / 'imp' / 'sorted' / 'checkpoints'}"]
+
+
+def test_hand_picked_subnet_trains_and_slices_that_architecture(sorted_parent, tmp_path):
+    from elastic_megatron.config import load_config
+    from elastic_megatron.elastic.importance import ImportanceScores
+    from elastic_megatron.elastic.subnet import subnet_from_spec, subnet_params
+
+    run_cli(["elastic-train", *sorted_parent, *FAST, *ONE_STAGE, 'elastic.budgets=["1.0","0.5"]',
+             f'elastic.subnets=["","{SPEC}"]', f"logging.out_dir={tmp_path / 'run'}"])
+    cfg = load_config(str(tmp_path / "run" / "config.yaml"))
+    order = ImportanceScores.load(cfg.elastic.importance_path).layer_order
+    want = subnet_from_spec(SPEC, cfg.model, order)
+    assert sum(want.keep) == 8  # depth 0.8 of 10 layers: the two least important ones dropped
+    assert [i for i, k in enumerate(want.keep) if not k] == sorted(order[-2:])
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    seen = [r for r in records if "0.5/subnet" in r]
+    assert seen, "the hand-picked budget was never drawn"
+    for r in seen:
+        assert r["0.5/subnet"] == want.to_dict()
+        assert r["0.5/router_loss"] == 0.0
+        assert r["0.5/chosen_params"] == r["0.5/expected_params"] == subnet_params(want, cfg.model, 64)
+    run_cli(["slice", "--config", str(tmp_path / "run" / "config.yaml"),
+             f"checkpoint.load={tmp_path / 'run' / 'checkpoints'}", "--out", str(tmp_path / "models")])
+    rows = json.loads((tmp_path / "models" / "slices.json").read_text())
+    assert [r["budget"] for r in rows] == ["1.0", "0.5"]
+    assert rows[1]["subnet"] == want.to_dict()
+
+
+def test_full_budget_in_soft_mode_runs_the_full_model(sorted_parent, tmp_path):
+    """The student starts as the teacher: at full size (no router choice, no soft masks) KD is 0."""
+    run_cli(["elastic-train", *sorted_parent, *FAST, *ONE_STAGE, "elastic.mode=soft",
+             "curriculum.0.budget_probs=[1.0,0.0,0.0]", "curriculum.0.steps=1", f"logging.out_dir={tmp_path}"])
+    assert read_metrics(tmp_path, "1.0/kd")[0] <= 1e-6
+
+
+def test_bad_hand_picked_subnets_are_rejected(sorted_parent):
+    from elastic_megatron.config import ConfigError, load_config
+
+    for bad, words in (('elastic.subnets=["x"]', "has 1 entries"),
+                       ('elastic.subnets=["","mamba_heads=0.3",""]', "multiple of groups"),
+                       ('elastic.subnets=["","heads=0.5",""]', "unknown axis"),
+                       ('elastic.subnets=["","missing.json",""]', "no such subnet file")):
+        with pytest.raises(ConfigError, match="elastic.subnets") as e:
+            load_config(sorted_parent[1], [bad])
+        assert words in str(e.value)
