@@ -3,6 +3,7 @@
     python benchmarks/elastic_cost.py              # full run (~2 min on 2 idle CPU cores; more under load)
     python benchmarks/elastic_cost.py --quick      # smoke test (a few rounds, small shapes)
     python benchmarks/elastic_cost.py --breakdown  # medium only, + standalone sliced 50% model and a profile
+    python benchmarks/elastic_cost.py --no-ddp     # skip the second (megatron DDP) pass
 
 For two CPU models in one process (world 1, gloo, fp32) -- the tiny default parent and a medium
 (50-100M parameter) parent -- this times one training step (forward with labels, loss.mean(),
@@ -21,6 +22,12 @@ Gradients are set to None between steps (outside the timed region). Logs go to s
 line on stdout is one JSON object (see docs/performance.md for the keys and a recorded run). If any
 variant's p75/p25 exceeds 1.5, other jobs disturbed the run: a warning goes to stderr and the JSON
 says "noisy": true.
+
+A second pass (unless --no-ddp) times the same variants the way the training loops run them: the
+model wrapped in megatron's DDP (train/optim.py `wrap_ddp`), so gradients go to persistent fp32
+`main_grad` buffers, zeroed by `zero_grad_buffer()` before each step (outside the timed region,
+reported separately). Its ratios are the `ddp_*` keys (`tiny_ddp_*`), details under "ddp"; the
+headline keys above are the bare-model pass and are unchanged by it.
 """
 
 from __future__ import annotations
@@ -95,7 +102,7 @@ def budget_subnet(m, target: float, tol: float = 0.01) -> Subnet:
 def op_category(name: str) -> str:
     """Coarse class of a profiled aten op, for --breakdown."""
     n = name.replace("aten::", "")
-    if n in ("mm", "addmm", "bmm", "baddbmm"):
+    if n in ("mm", "addmm", "addmm_", "bmm", "baddbmm"):
         return "matmul"
     if n in ("index_select", "index_add_", "index", "index_put_"):
         return "index_select/add"
@@ -106,8 +113,105 @@ def op_category(name: str) -> str:
     return "elementwise/reduce/other"
 
 
+def time_variants(name: str, step, variants: list[str], rounds: int, warmup: int, tag: str = "") -> dict:
+    """`warmup` untimed rounds, then `rounds` round-robin rounds of step(variant) -> (wall s, CPU s)."""
+    t_time = time.perf_counter()
+    for _ in range(warmup):
+        for v in variants:
+            step(v)
+    times = {v: [] for v in variants}  # wall seconds
+    cpu = {v: [] for v in variants}  # process CPU seconds (all threads)
+    gc.collect()
+    for r in range(rounds):
+        for v in variants:
+            wall, c = step(v)
+            times[v].append(wall)
+            cpu[v].append(c)
+        if (r + 1) % max(1, rounds // 4) == 0:
+            log(f"[{name}]{tag}   round {r + 1}/{rounds}: " + "  ".join(f"{v} {statistics.median(t) * 1e3:.1f}"
+                                                                  for v, t in times.items()))
+    log(f"[{name}]{tag}   timed {warmup} + {rounds} rounds in {time.perf_counter() - t_time:.1f} s")
+    return {
+        "times": times,
+        "med": {v: statistics.median(t) * 1e3 for v, t in times.items()},
+        "mins": {v: min(t) * 1e3 for v, t in times.items()},
+        # Within-round ratios: the variants of one round run back to back, so slow periods of other
+        # jobs on the machine hit numerator and denominator alike more often than across rounds.
+        "paired": lambda a, b: statistics.median(x / y for x, y in zip(times[a], times[b])),
+        "cpu_med": {v: statistics.median(t) * 1e3 for v, t in cpu.items()},
+        "q": {v: statistics.quantiles(t, n=4, method="inclusive") if len(t) >= 2 else [t[0]] * 3
+              for v, t in times.items()},
+    }
+
+
+def ratio_set(st: dict) -> dict:
+    """The three ratios from each estimator of a time_variants result (median first)."""
+    def three(d):
+        return {"ratio_50_vs_100": d["elastic_50"] / d["elastic_100"],
+                "ratio_75_vs_100": d["elastic_75"] / d["elastic_100"],
+                "ratio_elastic_vs_plain": d["elastic_100"] / d["plain"]}
+    p = st["paired"]
+    return {"median": three(st["med"]), "min": three(st["mins"]), "cpu": three(st["cpu_med"]),
+            "paired": {"ratio_50_vs_100": p("elastic_50", "elastic_100"),
+                       "ratio_75_vs_100": p("elastic_75", "elastic_100"),
+                       "ratio_elastic_vs_plain": p("elastic_100", "plain")}}
+
+
+def bench_ddp(name: str, model, sliced, layout, elastic, subnets: dict, batch, rounds: int, warmup: int) -> dict:
+    """The same variants as training runs them: the model wrapped in megatron's DDP (`wrap_ddp` of
+    train/optim.py, as train/loop.py and train/elastic_loop.py do), so every parameter has a
+    persistent fp32 `main_grad` buffer. `plain` calls the DDP wrapper (its hooks add each `.grad`
+    into `main_grad`); the elastic variants run `ElasticHybrid` over the wrapped module, as
+    elastic_loop.py does, and their sliced weights accumulate straight into `main_grad`. Per step,
+    `zero_grad_buffer()` (a memset of all main_grad buffers, the same for every variant) runs before
+    the timed region, as `zero_grad(set_to_none=True)` does in the bare pass; its median time is
+    reported, and the `with_zero_grad_buffer` estimator gives the ratios of the medians of
+    zero_grad_buffer + step. Runs after the bare pass, on the same model."""
+    from elastic_megatron.train.optim import wrap_ddp
+
+    tokens, pos, labels = batch
+    ddp_model = wrap_ddp(model, layout)
+    ddp_sliced = wrap_ddp(sliced, layout) if sliced is not None else None
+    variants = list(VARIANTS) + (["sliced_50"] if sliced is not None else [])
+    zero_s: dict[str, list[float]] = {v: [] for v in variants}
+
+    def step(variant: str) -> tuple[float, float]:
+        t = time.perf_counter()
+        ddp_model.zero_grad_buffer()
+        if ddp_sliced is not None:
+            ddp_sliced.zero_grad_buffer()
+        zero_s[variant].append(time.perf_counter() - t)
+        t0, c0 = time.perf_counter(), time.process_time()
+        if variant == "plain":
+            loss = ddp_model(tokens, pos, None, labels=labels)
+        elif variant == "sliced_50":
+            loss = ddp_sliced(tokens, pos, None, labels=labels)
+        else:
+            loss = elastic(tokens, pos, labels, subnet=subnets[variant])
+        loss.mean().backward()
+        return time.perf_counter() - t0, time.process_time() - c0
+
+    st = time_variants(name, step, variants, rounds, warmup, tag=" ddp")
+    ratios = ratio_set(st)
+    spread = max(hi / lo for lo, _, hi in st["q"].values())
+    # zero_grad_buffer + step, per timed round (the last `rounds` zeroings of each variant)
+    with_zero = {v: statistics.median(z + w for z, w in zip(zero_s[v][-rounds:], st["times"][v])) * 1e3
+                 for v in variants}
+    return {
+        "ratios": ratios["median"],
+        "alt_ratios": {k: ratios[k] for k in ("min", "paired", "cpu")}
+        | {"with_zero_grad_buffer": ratio_set({**st, "med": with_zero})["median"]},
+        "median_ms": st["med"],
+        "cpu_median_ms": st["cpu_med"],
+        "min_ms": st["mins"],
+        "iqr_ms": {v: [round(x[0] * 1e3, 2), round(x[2] * 1e3, 2)] for v, x in st["q"].items()},
+        "spread": spread,
+        "zero_grad_buffer_ms": statistics.median(z for v in variants for z in zero_s[v][-rounds:]) * 1e3,
+    }
+
+
 def bench_model(name: str, overrides: list[str], rounds: int, warmup: int, quick: bool,
-                breakdown: bool = False) -> dict:
+                breakdown: bool = False, ddp: bool = True) -> dict:
     t_build = time.perf_counter()
     cfg = load_config(None, overrides)
     layout = ParallelLayout.resolve(cfg, 1)
@@ -158,30 +262,9 @@ def bench_model(name: str, overrides: list[str], rounds: int, warmup: int, quick
         loss.mean().backward()
         return time.perf_counter() - t0, time.process_time() - c0
 
-    t_time = time.perf_counter()
-    for _ in range(warmup):
-        for v in variants:
-            step(v)
-    times = {v: [] for v in variants}  # wall seconds
-    cpu = {v: [] for v in variants}  # process CPU seconds (all threads)
-    gc.collect()
-    for r in range(rounds):
-        for v in variants:
-            wall, c = step(v)
-            times[v].append(wall)
-            cpu[v].append(c)
-        if (r + 1) % max(1, rounds // 4) == 0:
-            log(f"[{name}]   round {r + 1}/{rounds}: " + "  ".join(f"{v} {statistics.median(t) * 1e3:.1f}"
-                                                             for v, t in times.items()))
+    st = time_variants(name, step, variants, rounds, warmup)
     model.zero_grad(set_to_none=True)
-    log(f"[{name}]   timed {warmup} + {rounds} rounds in {time.perf_counter() - t_time:.1f} s")
-    med = {v: statistics.median(t) * 1e3 for v, t in times.items()}
-    mins = {v: min(t) * 1e3 for v, t in times.items()}
-    # Within-round ratios: the variants of one round run back to back, so slow periods of other
-    # jobs on the machine hit numerator and denominator alike more often than across rounds.
-    paired = lambda a, b: statistics.median(x / y for x, y in zip(times[a], times[b]))  # noqa: E731
-    cpu_med = {v: statistics.median(t) * 1e3 for v, t in cpu.items()}
-    q = {v: statistics.quantiles(t, n=4, method="inclusive") if len(t) >= 2 else [t[0]] * 3 for v, t in times.items()}
+    med, mins, cpu_med, q, paired = st["med"], st["mins"], st["cpu_med"], st["q"], st["paired"]
     profile = {}
     if breakdown:
         from torch.profiler import profile as torch_profile
@@ -200,7 +283,11 @@ def bench_model(name: str, overrides: list[str], rounds: int, warmup: int, quick
             log(f"[{name}]   profile {v} (self CPU ms): {profile[v]}")
     model.zero_grad(set_to_none=True)
     gc.collect()
+    ddp_res = None
+    if ddp:
+        ddp_res = bench_ddp(name, model, sliced, layout, elastic, subnets, (tokens, pos, labels), rounds, warmup)
     return {
+        "ddp": ddp_res,
         "profile_ms": profile,
         "params": params,
         "batch": b,
@@ -237,6 +324,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--breakdown", action="store_true",
                     help="medium model only: also time the standalone sliced 50%% model (megatron forward) and "
                          "profile plain / elastic_100 / elastic_50 / sliced_50 by op class")
+    ap.add_argument("--no-ddp", dest="ddp", action="store_false",
+                    help="skip the second pass that times the variants with the model wrapped in megatron DDP "
+                         "(main_grad buffers, as the training loops run it; the ddp_* keys)")
     args = ap.parse_args(argv)
     if args.quick:
         args.rounds, args.warmup = args.rounds or 3, min(args.warmup, 1)
@@ -246,8 +336,9 @@ def main(argv=None) -> dict:
     res = {}
     try:
         if not args.breakdown:
-            res["tiny"] = bench_model("tiny", [], rounds["tiny"], args.warmup, args.quick)
-        res["medium"] = bench_model("medium", MEDIUM, rounds["medium"], args.warmup, args.quick, args.breakdown)
+            res["tiny"] = bench_model("tiny", [], rounds["tiny"], args.warmup, args.quick, ddp=args.ddp)
+        res["medium"] = bench_model("medium", MEDIUM, rounds["medium"], args.warmup, args.quick, args.breakdown,
+                                    ddp=args.ddp)
     finally:
         destroy_distributed()
     md = res["medium"]
@@ -290,6 +381,31 @@ def main(argv=None) -> dict:
         out["breakdown"] = {"sliced_50_vs_elastic_100": r3(mm["sliced_50"] / mm["elastic_100"]),
                             "elastic_50_vs_sliced_50": r3(mm["elastic_50"] / mm["sliced_50"]),
                             "profile_self_cpu_ms": md["profile_ms"]}
+    if all(r["ddp"] is not None for r in res.values()):
+        # Second pass: the training step as the training loops run it (megatron DDP, main_grad
+        # buffers). Same variants, rounds and estimators; keys prefixed ddp_ (tiny: tiny_ddp_).
+        for k, r in res.items():
+            pre = "ddp_" if k == "medium" else f"{k}_ddp_"
+            out.update({pre + n: r3(x) for n, x in r["ddp"]["ratios"].items()})
+        out["ddp"] = {
+            "timings_ms": {k: {v: round(x, 2) for v, x in r["ddp"]["median_ms"].items()} for k, r in res.items()},
+            "iqr_ms": {k: r["ddp"]["iqr_ms"] for k, r in res.items()},
+            "min_ms": {k: {v: round(x, 2) for v, x in r["ddp"]["min_ms"].items()} for k, r in res.items()},
+            "cpu_ms": {k: {v: round(x, 2) for v, x in r["ddp"]["cpu_median_ms"].items()} for k, r in res.items()},
+            "alt_ratios": {k: {est: {n: r3(x) for n, x in d.items()} for est, d in r["ddp"]["alt_ratios"].items()}
+                           for k, r in res.items()},
+            "spread": {k: r3(r["ddp"]["spread"]) for k, r in res.items()},
+            "zero_grad_buffer_ms": {k: round(r["ddp"]["zero_grad_buffer_ms"], 2) for k, r in res.items()},
+        }
+        if args.breakdown:
+            mm = md["ddp"]["median_ms"]
+            out["breakdown"]["ddp_sliced_50_vs_elastic_100"] = r3(mm["sliced_50"] / mm["elastic_100"])
+            out["breakdown"]["ddp_elastic_50_vs_sliced_50"] = r3(mm["elastic_50"] / mm["sliced_50"])
+        ddp_noisy = [k for k, x in out["ddp"]["spread"].items() if x > NOISY_SPREAD]
+        if ddp_noisy:
+            log(f"WARNING: ddp pass: {', '.join(ddp_noisy)} timings are spread out (p75/p25 > {NOISY_SPREAD})")
+        out["ddp"]["noisy"] = bool(ddp_noisy)
+        out["wall_s"] = round(time.perf_counter() - t0, 1)
     noisy = [k for k, x in out["spread"].items() if x > NOISY_SPREAD]
     if noisy:
         log(f"WARNING: {', '.join(noisy)} timings are spread out (p75/p25 > {NOISY_SPREAD}): other jobs were "

@@ -13,9 +13,14 @@ the subnet travels as data. Shapes below are per tensor-parallel rank:
     MLP:       fc1 rows[:f] -> squared ReLU -> fc2 cols[:f]
     depth:     a dropped layer is the identity
 
-Hard mode (default) slices, so a half-size subnet does about half the FLOPs. Soft mode runs the
-full width and multiplies activations by probability-weighted prefix masks (router training);
-with 0/1 masks it gives the hard result. RMSNorm over a masked hidden uses the k/d correction
+Hard mode (default) slices, so a half-size subnet does about half the FLOPs. The linear layers
+(`_linear`) do not copy the kept part of a weight (fp32): the kept rows / columns form a few
+contiguous runs (per B/C or KV group), each run is one GEMM on a strided view of the parent weight,
+and the backward writes each run's weight gradient straight into the kept part of the gradient
+buffer (megatron DDP's `main_grad` in training, else `.grad`). In bf16 the runs of a summed-over
+dim are concatenated first, so the rounding is that of one GEMM. Soft mode runs the full width and
+multiplies activations by probability-weighted prefix masks (router training); with 0/1 masks it
+gives the hard result. RMSNorm over a masked hidden uses the k/d correction
 (eps x k/d, output x sqrt(k/d)), i.e. it normalises over the kept channels only, as the sliced
 model does. Gates (straight-through, value 1) carry the router's gradient into each layer output.
 """
@@ -80,6 +85,31 @@ def _attn_rows(groups_l: int, hpg: int, d: int, a_per_group: int):
     return torch.tensor(qkv), torch.tensor(proj)
 
 
+def _index_runs(idx: torch.Tensor) -> tuple[tuple[int, int], ...]:
+    """An index tensor as maximal runs of consecutive indices: ((start, length), ...), in order."""
+    runs: list[list[int]] = []
+    for i in idx.tolist():
+        if runs and runs[-1][0] + runs[-1][1] == i:
+            runs[-1][1] += 1
+        else:
+            runs.append([i, 1])
+    return tuple((a, n) for a, n in runs)
+
+
+@lru_cache(maxsize=512)
+def _mamba_runs(heads_l: int, groups_l: int, p: int, n: int, a_per_group: int, d: int):
+    """`_mamba_rows`' in_proj rows and out_proj columns as contiguous runs (see `_linear`)."""
+    rows, _, _, chans = _mamba_rows(heads_l, groups_l, p, n, a_per_group, d)
+    return _index_runs(rows), _index_runs(chans)
+
+
+@lru_cache(maxsize=512)
+def _attn_runs(groups_l: int, hpg: int, d: int, a_per_group: int):
+    """`_attn_rows`' linear_qkv rows and linear_proj columns as contiguous runs (see `_linear`)."""
+    qkv, proj = _attn_rows(groups_l, hpg, d, a_per_group)
+    return _index_runs(qkv), _index_runs(proj)
+
+
 def _norm_sel(sel, size: int):
     """None | prefix length | index tensor -> None when it keeps everything."""
     if sel is None or (isinstance(sel, int) and sel == size):
@@ -138,6 +168,139 @@ def _sub(w: torch.Tensor, rows=None, cols=None) -> torch.Tensor:
     if not (w.requires_grad and torch.is_grad_enabled()):
         return _select(_select(w, 0, rows), 1, cols)
     return _SubWeight.apply(w, rows, cols)
+
+
+def _as_runs(sel, size: int) -> tuple[tuple[int, int], ...]:
+    """None (all) | prefix length | runs -> runs."""
+    if sel is None:
+        return ((0, size),)
+    if isinstance(sel, int):
+        return ((0, sel),)
+    return tuple(sel)
+
+
+def _complement(runs, size: int) -> list[tuple[int, int]]:
+    """The runs of [0, size) not covered by `runs`."""
+    out, pos = [], 0
+    for a, n in sorted(runs):
+        if a > pos:
+            out.append((pos, a - pos))
+        pos = max(pos, a + n)
+    if pos < size:
+        out.append((pos, size - pos))
+    return out
+
+
+def _mm_runs(a: torch.Tensor, a_runs, w_blocks, out: torch.Tensor) -> None:
+    """out = sum_j a[:, j-th run] @ w_blocks[j]: a product whose K dim is cut into runs. In fp32 / fp64,
+    one GEMM per run accumulating into `out` (views only); in lower precision the weight blocks are
+    concatenated first, so the sum is one GEMM with one rounding of the result, as in F.linear."""
+    if len(w_blocks) == 1:
+        torch.mm(a, w_blocks[0], out=out)
+    elif a.dtype not in (torch.float32, torch.float64):
+        torch.mm(a, torch.cat(w_blocks, dim=0), out=out)
+    else:
+        i = 0
+        for j, ((_, n), wb) in enumerate(zip(a_runs, w_blocks)):
+            if j == 0:
+                torch.mm(a[:, i:i + n], wb, out=out)
+            else:
+                out.addmm_(a[:, i:i + n], wb)
+            i += n
+
+
+def _plain_ops():
+    """Context for the run-by-run GEMM loops below: they issue many small torch calls (views, mm)
+    and create no tensor on any device, so they skip `__torch_function__` handling, in particular
+    the CPU compat mode of compat/cpu.py (installed only without CUDA), which costs several us per
+    call -- more than a small view or GEMM call itself. Results are unchanged."""
+    return torch._C.DisableTorchFunction()
+
+
+def _linear_fwd(x: torch.Tensor, x2: torch.Tensor, w: torch.Tensor, rows, cols) -> torch.Tensor:
+    """x [..., k] (x2: the same as [N, k]) @ w[rows][:, cols].T on views of the parent weight `w`: each
+    row run writes its own output columns (one GEMM per column run of w, see `_mm_runs`). Returns a
+    new [..., n_out] tensor, not a view (autograd may see it modified in place)."""
+    n_out = sum(n for _, n in rows)
+    with _plain_ops():
+        res = x2.new_empty(*x.shape[:-1], n_out)
+        out, o = res.view(-1, n_out), 0
+        for r0, rn in rows:
+            _mm_runs(x2, cols, [w[r0:r0 + rn, c0:c0 + cn].t() for c0, cn in cols], out[:, o:o + rn])
+            o += rn
+    return res
+
+
+class _ElasticLinear(torch.autograd.Function):
+    """F.linear(x, w[rows][:, cols]) on views of the parent weight `w`, rows / cols being runs of
+    contiguous indices ((start, length), ...). Nothing is gathered in fp32: the forward runs one GEMM
+    per (row run, col run) on strided views of `w` (BLAS takes the row stride as leading dimension),
+    and the backward writes the weight gradient of each block straight into the kept part of the
+    weight's gradient buffer (megatron DDP's `main_grad`, else `.grad`) with one accumulating GEMM,
+    so no sliced-weight copy, temporary gradient or index scatter exists. A new `.grad` is allocated
+    uninitialised and only the part outside the kept blocks is zeroed. The weight's own autograd edge
+    gets None (as with `_SubWeight`: megatron DDP's per-parameter hook then has nothing to add)."""
+
+    @staticmethod
+    def forward(ctx, x, w, rows, cols):
+        x2 = x.reshape(-1, x.shape[-1])  # a copy only when x is not viewable (as in F.linear)
+        ctx.save_for_backward(x2, w)
+        ctx.rows, ctx.cols, ctx.x_shape = rows, cols, x.shape
+        return _linear_fwd(x, x2, w, rows, cols)
+
+    @staticmethod
+    def backward(ctx, g):
+        with _plain_ops():
+            x2, w = ctx.saved_tensors
+            rows, cols = ctx.rows, ctx.cols
+            g2 = g.reshape(-1, g.shape[-1])
+            gx = None
+            if ctx.needs_input_grad[0]:  # gx[:, col run] = g @ w[rows][:, col run]
+                gx, i = g2.new_empty(x2.shape), 0
+                for c0, cn in cols:
+                    _mm_runs(g2, rows, [w[r0:r0 + rn, c0:c0 + cn] for r0, rn in rows], gx[:, i:i + cn])
+                    i += cn
+                gx = gx.view(ctx.x_shape)
+            if ctx.needs_input_grad[1]:  # grad w[row run, col run] = g[:, row run].T @ x[:, col run]
+                buf, fresh = getattr(w, "main_grad", None), False
+                if buf is None:
+                    if w.grad is None:
+                        # Uninitialised: the kept blocks are overwritten below, the rest is zeroed here.
+                        buf, fresh = torch.empty_like(w, memory_format=torch.contiguous_format), True
+                        for a, n in _complement(rows, w.shape[0]):
+                            buf[a:a + n].zero_()
+                        for c0, cn in _complement(cols, w.shape[1]):
+                            for r0, rn in rows:
+                                buf[r0:r0 + rn, c0:c0 + cn].zero_()
+                    else:
+                        buf = w.grad
+                o = 0
+                for r0, rn in rows:
+                    gb, i = g2[:, o:o + rn].t(), 0
+                    for c0, cn in cols:
+                        bb, xb = buf[r0:r0 + rn, c0:c0 + cn], x2[:, i:i + cn]
+                        if fresh:
+                            torch.mm(gb, xb, out=bb)
+                        elif bb.dtype == gb.dtype:
+                            bb.addmm_(gb, xb)
+                        else:  # e.g. bf16 weights, fp32 main_grad: as megatron's DDP hook, compute then add
+                            bb.add_(torch.mm(gb, xb))
+                        i += cn
+                    o += rn
+                if fresh:
+                    w.grad = buf
+        return gx, None, None, None
+
+
+def _linear(x: torch.Tensor, w: torch.Tensor, rows=None, cols=None) -> torch.Tensor:
+    """F.linear(x, w[rows][:, cols]) for rows / cols each None (all), a prefix length or runs of
+    contiguous indices ((start, length), ...); plain F.linear on `w` itself when nothing is cut."""
+    rows, cols = _as_runs(rows, w.shape[0]), _as_runs(cols, w.shape[1])
+    if rows == ((0, w.shape[0]),) and cols == ((0, w.shape[1]),):
+        return F.linear(x, w)
+    if torch.is_grad_enabled() and (x.requires_grad or w.requires_grad):
+        return _ElasticLinear.apply(x, w, rows, cols)
+    return _linear_fwd(x, x.reshape(-1, x.shape[-1]), w, rows, cols)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -214,7 +377,7 @@ class ElasticHybrid:
         hmask = masks.hidden if soft else None
         x = rms_norm(x, _sub(model.decoder.final_norm.weight, rows=hk), self.m.norm_epsilon, hmask)
         x = copy_to_tensor_model_parallel_region(x)
-        logits = F.linear(x, _sub(model.output_layer.weight, cols=hk))  # [s, b, V/tp]
+        logits = _linear(x, model.output_layer.weight, cols=hk)  # [s, b, V/tp]
         if labels is None:
             return logits.transpose(0, 1).contiguous()  # [b, s, V/tp]
         loss = tensor_parallel.vocab_parallel_cross_entropy(logits.float(), labels.transpose(0, 1).contiguous())
@@ -237,8 +400,9 @@ class ElasticHybrid:
             a, d = s.mamba_heads[k] // m.mamba_num_groups, s.mamba_head_dim[k]
         else:
             a, d = heads_l // groups_l, p  # full width, masked below
-        rows, conv_idx, kept_heads, chans = _mamba_rows(heads_l, groups_l, p, n, a, d)
-        zxbcdt = F.linear(h, _sub(mixer.in_proj.weight, rows=rows, cols=hk))  # [s, b, *]
+        _, conv_idx, kept_heads, chans = _mamba_rows(heads_l, groups_l, p, n, a, d)
+        row_runs, chan_runs = _mamba_runs(heads_l, groups_l, p, n, a, d)
+        zxbcdt = _linear(h, mixer.in_proj.weight, rows=row_runs, cols=hk)  # [s, b, *]
         d_in = kept_heads.numel() * d
         A = -torch.exp(_sub(mixer.A_log, rows=kept_heads).float())
         conv_w = _sub(mixer.conv1d.weight, rows=conv_idx).squeeze(1)  # [c, w]
@@ -259,7 +423,7 @@ class ElasticHybrid:
             dt_bias=_sub(mixer.dt_bias, rows=kept_heads).float(), dt_softplus=True,
         ).reshape(b_, s_, d_in)
         y = group_rms_norm(y, _sub(mixer.norm.weight, rows=chans), groups_l, 1e-5, chan_mask)
-        y = F.linear(y.transpose(0, 1), _sub(mixer.out_proj.weight, rows=hk, cols=chans))
+        y = _linear(y.transpose(0, 1), mixer.out_proj.weight, rows=hk, cols=chan_runs)
         return reduce_from_tensor_model_parallel_region(y)
 
     def _attention(self, layer, x, s: Subnet, k: int, masks: Optional[SoftMasks]):
@@ -268,8 +432,8 @@ class ElasticHybrid:
         a = hpg if masks is not None else s.attn_heads[k] // m.num_query_groups
         hk = x.shape[-1]
         h = copy_to_tensor_model_parallel_region(self._norm(layer.input_layernorm, x, masks))
-        qkv_rows, proj_cols = _attn_rows(groups_l, hpg, d, a)
-        qkv = F.linear(h, _sub(att.linear_qkv.weight, rows=qkv_rows, cols=hk))  # [s, b, G*(a+2)*d]
+        qkv_rows, proj_cols = _attn_runs(groups_l, hpg, d, a)
+        qkv = _linear(h, att.linear_qkv.weight, rows=qkv_rows, cols=hk)  # [s, b, G*(a+2)*d]
         sq, b_ = qkv.shape[:2]
         qkv = qkv.view(sq, b_, groups_l, a + 2, d)
         q = qkv[:, :, :, :a].reshape(sq, b_, groups_l * a, d).permute(1, 2, 0, 3)  # [b, G*a, s, d]
@@ -282,18 +446,18 @@ class ElasticHybrid:
             hmask = masks.attn_heads[k][r * groups_l * hpg:(r + 1) * groups_l * hpg]
             ctx = ctx * hmask[None, :, None, None]
         ctx = ctx.permute(2, 0, 1, 3).reshape(sq, b_, -1)  # [s, b, G*a*d]
-        out = F.linear(ctx, _sub(att.linear_proj.weight, rows=hk, cols=proj_cols))
+        out = _linear(ctx, att.linear_proj.weight, rows=hk, cols=proj_cols)
         return reduce_from_tensor_model_parallel_region(out)
 
     def _mlp(self, layer, x, s: Subnet, k: int, masks: Optional[SoftMasks]):
         mlp, hk = layer.mlp, x.shape[-1]
         f = None if masks is not None else s.ffn[k] // self.tp
         h = copy_to_tensor_model_parallel_region(self._norm(layer.pre_mlp_layernorm, x, masks))
-        inter = squared_relu(F.linear(h, _sub(mlp.linear_fc1.weight, rows=f, cols=hk)))
+        inter = squared_relu(_linear(h, mlp.linear_fc1.weight, rows=f, cols=hk))
         if masks is not None:
             r, f_l = ps.get_tensor_model_parallel_rank(), mlp.linear_fc1.weight.shape[0]
             inter = inter * masks.ffn[k][r * f_l:(r + 1) * f_l]
-        out = F.linear(inter, _sub(mlp.linear_fc2.weight, rows=hk, cols=f))
+        out = _linear(inter, mlp.linear_fc2.weight, rows=hk, cols=f)
         return reduce_from_tensor_model_parallel_region(out)
 
 
