@@ -117,3 +117,18 @@ def test_invalid_subnets_are_rejected_with_the_field_named():
                             full.keep), M, tp=2)
     with pytest.raises(ConfigError, match="elastic.mamba_heads"):
         resolve_choices(M, 1, [1.0], [0.3], [1.0], [1.0], [1.0], [1.0])  # 0.3 * 16 = 5: not a multiple of 4 groups
+
+
+def test_homogeneous_baseline_hits_the_target_and_is_balanced():
+    from elastic_megatron.config import load_config
+    from elastic_megatron.elastic.subnet import Subnet, homogeneous_for_target, subnet_params
+
+    m = load_config(None).model
+    full = subnet_params(Subnet.full(m), m, 64)
+    for frac in (0.75, 0.6, 0.5):
+        s = homogeneous_for_target(m, 64, frac * full)
+        assert abs(subnet_params(s, m, 64) / (frac * full) - 1) <= 0.01
+        assert len(set(s.ffn)) == len(set(s.mamba_heads)) == len(set(s.attn_heads)) == 1 and all(s.keep)
+        fr = [s.hidden / m.hidden_size, s.mamba_heads[0] / m.mamba_num_heads,
+              s.attn_heads[0] / m.num_attention_heads, s.ffn[0] / m.ffn_hidden_size]
+        assert max(fr) - min(fr) <= 0.5  # no axis carries the whole cut
