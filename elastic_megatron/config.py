@@ -238,6 +238,11 @@ class DistillConfig:
     temperature: float = 1.0  # softmax temperature of the KD loss (the loss is scaled by T^2)
     kd_weight: float = 1.0  # weight of KL(teacher || student)
     ce_weight: float = 0.0  # weight of the plain next-token cross entropy
+    # Intermediate-layer distillation: layers (0-based, pattern order) whose output residual stream
+    # the student matches to the teacher's, as normalized MSE on the student's kept hidden channels,
+    # weighted by intermediate_weight and averaged over the layers; empty = off.
+    intermediate_layers: list[int] = field(default_factory=list)
+    intermediate_weight: float = 1.0
 
 
 @dataclass
@@ -472,6 +477,11 @@ def _validate_elastic(cfg: RunConfig) -> None:
     e, r, d = cfg.elastic, cfg.router, cfg.distill
     if d.temperature <= 0 or d.kd_weight < 0 or d.ce_weight < 0 or d.kd_weight + d.ce_weight == 0:
         _fail("distill.temperature", "need temperature > 0, kd_weight >= 0, ce_weight >= 0 and one weight > 0")
+    bad = [i for i in d.intermediate_layers if not 0 <= i < cfg.model.num_layers]
+    if bad:
+        _fail("distill.intermediate_layers", f"{bad} outside 0..{cfg.model.num_layers - 1} (layers of the pattern)")
+    if d.intermediate_weight < 0:
+        _fail("distill.intermediate_weight", f"must be >= 0, got {d.intermediate_weight}")
     if not cfg.curriculum:
         _fail("curriculum", "needs at least one stage")
     for i, st in enumerate(cfg.curriculum):

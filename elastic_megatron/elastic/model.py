@@ -345,7 +345,10 @@ class ElasticHybrid:
                              f"but runs with TP {layout.tensor}; run with parallel.tensor={sort_tp} or re-sort")
 
     def __call__(self, tokens, position_ids, labels=None, subnet: Optional[Subnet] = None,
-                 gates: Optional[torch.Tensor] = None, masks: Optional[SoftMasks] = None):
+                 gates: Optional[torch.Tensor] = None, masks: Optional[SoftMasks] = None,
+                 collect: Optional[dict] = None):
+        """`collect`: {global layer index: None}; filled with the residual stream after each of those
+        layers ([s, b, hk]; a dropped layer passes its input on), for intermediate-layer distillation."""
         model, s = self.model, subnet or self.full
         soft = masks is not None
         hk = self.m.hidden_size if soft else s.hidden
@@ -359,6 +362,8 @@ class ElasticHybrid:
             kind, k = self.slots[gi]
             keep = masks.keep[gi] if soft else (1.0 if s.keep[gi] else 0.0)
             if not soft and not s.keep[gi]:
+                if collect is not None and gi in collect:
+                    collect[gi] = x
                 continue  # a dropped layer is the identity
             if kind == "M":
                 out = self._mamba(layer, x, s, k, masks)
@@ -371,6 +376,8 @@ class ElasticHybrid:
             if gates is not None:
                 out = out * gates[gi]
             x = x + out
+            if collect is not None and gi in collect:
+                collect[gi] = x
         if not model.post_process:
             # p2p buffers have the parent's width: pad a narrower hidden with zeros.
             return F.pad(x, (0, self.m.hidden_size - x.shape[-1])) if x.shape[-1] < self.m.hidden_size else x

@@ -10,6 +10,7 @@ For every micro-batch:
                      each layer's output times its straight-through gate (value 1, router gradient)
     teacher logits = the frozen parent, full size (no grad, no optimizer state, never saved)
     loss = kd_weight * KL(teacher || student) + ce_weight * CE + router.budget_weight * budget loss
+           (+ intermediate_weight * normalized MSE of chosen layers' residual streams, if configured)
 
 The model steps with megatron's optimizer; the router (replicated on every rank) steps with its
 own Adam after its gradients are averaged over all ranks. Stages run back to back (step counts,
@@ -203,14 +204,30 @@ def _forward_step(s_view, t_view, decisions, router, cfg: RunConfig, data_iterat
         sm = router.soft_masks(dec)
         masks = SoftMasks(hidden=sm["hidden"], mamba_heads=list(sm["mamba_heads"]), mamba_head_dim=list(sm["mamba_head_dim"]),
                           attn_heads=list(sm["attn_heads"]), ffn=list(sm["ffn"]), keep=sm["depth"])
+    layers = cfg.distill.intermediate_layers
+    s_states, t_states = dict.fromkeys(layers), dict.fromkeys(layers)
     student = s_view(batch["tokens"], batch["position_ids"], None, subnet=dec.subnet, gates=dec.layer_gates,
-                     masks=masks)  # [b, s, V/tp]
+                     masks=masks, collect=s_states if layers else None)  # [b, s, V/tp]
     with torch.no_grad():
-        teacher = t_view(batch["tokens"], batch["position_ids"], None)
-    return student, partial(_loss, batch, teacher, dec, cfg)
+        teacher = t_view(batch["tokens"], batch["position_ids"], None, collect=t_states if layers else None)
+    hidden = _intermediate_loss(s_states, t_states, masks, batch["loss_mask"]) if layers else None
+    return student, partial(_loss, batch, teacher, dec, cfg, hidden)
 
 
-def _loss(batch, teacher, dec, cfg: RunConfig, student):
+def _intermediate_loss(s_states: dict, t_states: dict, masks, loss_mask) -> torch.Tensor:
+    """Mean over layers of sum((student - teacher)^2) / sum(teacher^2) on the student's hidden channels
+    (the kept prefix in hard mode, the masked teacher in soft mode) and the non-pad tokens."""
+    tok = loss_mask.float().transpose(0, 1)[..., None]  # [s, b, 1]
+    out = []
+    for i, st in s_states.items():
+        te = t_states[i][..., :st.shape[-1]]
+        if masks is not None:
+            te = te * masks.hidden
+        out.append(((st - te).pow(2) * tok).sum() / (te.pow(2) * tok).sum().clamp(min=1e-12))
+    return torch.stack(out).mean()
+
+
+def _loss(batch, teacher, dec, cfg: RunConfig, hidden, student):
     d, mask = cfg.distill, batch["loss_mask"].float()
     denom = mask.sum().clamp(min=1.0)
     kd = (kd_loss(student, teacher, d.temperature) * mask).sum() / denom
@@ -219,8 +236,12 @@ def _loss(batch, teacher, dec, cfg: RunConfig, student):
           * mask).sum() / denom
     router_loss = dec.budget_loss
     total = d.kd_weight * kd + d.ce_weight * ce + cfg.router.budget_weight * router_loss
+    if hidden is None:
+        hidden = torch.zeros((), device=kd.device)
+    else:
+        total = total + d.intermediate_weight * hidden
     stats = torch.stack([total.detach(), kd.detach(), ce.detach(), router_loss.detach().float(),
-                         dec.expected_cost.detach().float()]).clone()
+                         dec.expected_cost.detach().float(), hidden.detach().float()]).clone()
     return total, {"stats": stats}
 
 
@@ -229,27 +250,28 @@ def _reduce_metrics(outs: list[dict], mine, decisions, names: list[str], m, voca
     entry of `outs`); `decisions`: those of the whole global batch (the same list on every rank), whose
     first micro-batch of a budget gives that budget's logged subnet."""
     n = len(names)
-    sums = torch.zeros(n, 6, dtype=torch.float64)
+    sums = torch.zeros(n, 7, dtype=torch.float64)  # total, kd, ce, router, expected cost, intermediate; count
     for out, dec in zip(outs, mine, strict=True):
-        sums[dec.budget_idx, :5] += out["stats"].double().cpu()
-        sums[dec.budget_idx, 5] += 1
+        sums[dec.budget_idx, :6] += out["stats"].double().cpu()
+        sums[dec.budget_idx, 6] += 1
     if torch.cuda.is_available():
         sums = sums.cuda()
     dist.all_reduce(sums, group=ps.get_data_parallel_group())
     sums = sums.cpu()
     record: dict = {}
-    total = sums[:, 0].sum() / sums[:, 5].sum().clamp(min=1)
+    total = sums[:, 0].sum() / sums[:, 6].sum().clamp(min=1)
     record["loss"] = float(total)
     seen = []
     for b, name in enumerate(names):
-        c = sums[b, 5]
+        c = sums[b, 6]
         if c == 0:
             continue
         seen.append(name)
-        mean = sums[b, :5] / c
+        mean = sums[b, :6] / c
         dec = next(x for x in decisions if x.budget_idx == b)
         record.update({f"{name}/loss": float(mean[0]), f"{name}/kd": float(mean[1]), f"{name}/ce": float(mean[2]),
                        f"{name}/router_loss": float(mean[3]), f"{name}/expected_params": float(mean[4]),
+                       f"{name}/intermediate": float(mean[5]),
                        f"{name}/chosen_params": subnet_params(dec.subnet, m, vocab),
                        f"{name}/subnet": dec.subnet.to_dict()})
     record["budgets_seen"] = ",".join(seen)

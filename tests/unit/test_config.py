@@ -171,6 +171,12 @@ BAD_OVERRIDES = [
     pytest.param(["train.eval_batches=-1"], "train.eval_batches", [">= 0"], id="negative-eval-batches"),
     pytest.param(["train.lr"], "train.lr", ["expected key=value"], id="override-without-equals"),
     pytest.param(["data.source=indexed"], "data.paths", ["data.source=indexed"], id="indexed-without-paths"),
+    pytest.param(["distill.intermediate_layers=[3,10]"], "distill.intermediate_layers", ["[10]", "0..9"],
+                 id="intermediate-layer-out-of-range"),
+    pytest.param(["distill.intermediate_weight=-1"], "distill.intermediate_weight", [">= 0"],
+                 id="negative-intermediate-weight"),
+    pytest.param(['elastic.subnets=["","ffn=0.5"]'], "elastic.subnets", ["one per budget"], id="subnets-count"),
+    pytest.param(['elastic.subnets=["","heads=0.5",""]'], "elastic.subnets", ["unknown axis"], id="subnet-axis"),
 ]
 
 

@@ -67,3 +67,18 @@ def test_bad_hand_picked_subnets_are_rejected(sorted_parent):
         with pytest.raises(ConfigError, match="elastic.subnets") as e:
             load_config(sorted_parent[1], [bad])
         assert words in str(e.value)
+
+
+def test_intermediate_layer_distillation(sorted_parent, tmp_path):
+    """Off by default (logged 0); on, it is 0 where student == teacher (full size, first step) and
+    positive for a smaller subnet, and the total loss includes it with its weight."""
+    stages = "curriculum=[{name: full, steps: 1, budget_probs: [1.0, 0.0, 0.0]}, {name: mixed, steps: 2}]"
+    run_cli(["elastic-train", *sorted_parent, *FAST, stages,
+             "distill.intermediate_layers=[3,7]", "distill.intermediate_weight=0.5", f"logging.out_dir={tmp_path}"])
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert records[0]["budgets_seen"] == "1.0" and records[0]["1.0/intermediate"] <= 1e-10
+    small = [(r[f"{b}/intermediate"], r[f"{b}/loss"], r[f"{b}/kd"], r[f"{b}/router_loss"])
+             for r in records for b in ("0.75", "0.5") if f"{b}/intermediate" in r]
+    assert small and all(h > 1e-6 for h, *_ in small)
+    for h, total, kd, router in small:
+        assert abs(total - (kd + router + 0.5 * h)) <= 1e-5 * max(1.0, abs(total))
