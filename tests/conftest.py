@@ -41,3 +41,13 @@ def run_cli(args: list[str], nproc: int = 1, timeout: int = 600, env: dict | Non
 def read_metrics(out_dir: Path, key: str = "loss") -> list[float]:
     lines = (Path(out_dir) / "metrics.jsonl").read_text().splitlines()
     return [r[key] for r in map(json.loads, lines) if key in r]
+
+
+def make_sorted_parent(root: Path, parent: list[str]) -> list[str]:
+    """A 2-step parent `train`, then `importance` (scores + the sorted parent with its config), as the
+    README runs them; returns the args that point `elastic-train` / `slice` at the sorted parent."""
+    run_cli(["train", *parent, "train.steps=2", f"logging.out_dir={root / 'parent'}"])
+    run_cli(["importance", *parent, "elastic.importance_batches=2", f"checkpoint.load={root / 'parent'}",
+             f"logging.out_dir={root / 'imp'}"])
+    return ["--config", str(root / "imp" / "sorted" / "config.yaml"),
+            f"checkpoint.load={root / 'imp' / 'sorted' / 'checkpoints'}"]

@@ -42,7 +42,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import FAST, REPO, run_cli
+from tests.conftest import FAST, REPO, make_sorted_parent, run_cli
 
 pytestmark = pytest.mark.distributed
 
@@ -62,13 +62,7 @@ RMS_OF_REACH, MAX_OF_REACH = 1e-3, 5e-2  # trained weights, per tensor (see the 
 
 @pytest.fixture(scope="module")
 def sorted_parent(tmp_path_factory) -> list[str]:
-    root = tmp_path_factory.mktemp("elastic_parent")
-    run_cli(["train", *PARENT, "train.steps=2", f"logging.out_dir={root / 'parent'}"])
-    run_cli(["importance", *PARENT, "elastic.importance_batches=2", f"checkpoint.load={root / 'parent'}",
-             f"logging.out_dir={root / 'imp'}"])
-    # as in the README: the sorted config, and the checkpoints dir whose `latest` names the sorted parent
-    return ["--config", str(root / "imp" / "sorted" / "config.yaml"),
-            f"checkpoint.load={root / 'imp' / 'sorted' / 'checkpoints'}"]
+    return make_sorted_parent(tmp_path_factory.mktemp("elastic_parent"), PARENT)
 
 
 @pytest.fixture(scope="module")

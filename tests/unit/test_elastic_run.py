@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from tests.conftest import FAST, read_metrics, run_cli
+from tests.conftest import FAST, make_sorted_parent, read_metrics, run_cli
 
 PARENT = [*FAST, "data.seq_length=32", "train.micro_batch_size=2", "train.global_batch_size=4"]
 ONE_STAGE = ["curriculum=[{name: short, steps: 2}]"]
@@ -16,12 +16,7 @@ SPEC = "hidden=0.5,mamba_heads=0.5,attn_heads=0.5,ffn=0.25,depth=0.8"
 
 @pytest.fixture(scope="module")
 def sorted_parent(tmp_path_factory) -> list[str]:
-    root = tmp_path_factory.mktemp("elastic_run_parent")
-    run_cli(["train", *PARENT, "train.steps=2", f"logging.out_dir={root / 'parent'}"])
-    run_cli(["importance", *PARENT, "elastic.importance_batches=2", f"checkpoint.load={root / 'parent'}",
-             f"logging.out_dir={root / 'imp'}"])
-    return ["--config", str(root / "imp" / "sorted" / "config.yaml"),
-            f"checkpoint.load={root / 'imp' / 'sorted' / 'checkpoints'}"]
+    return make_sorted_parent(tmp_path_factory.mktemp("elastic_run_parent"), PARENT)
 
 
 def test_hand_picked_subnet_trains_and_slices_that_architecture(sorted_parent, tmp_path):
