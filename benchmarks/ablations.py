@@ -114,13 +114,6 @@ def slice_eval(cfg: RunConfig, ckpt: str, named: dict, out: Path, n_short: int, 
             for r in rows}
 
 
-def router_family(cfg: RunConfig, ckpt: str) -> dict:
-    """The subnets the router stored in an elastic checkpoint picks for each budget (nested)."""
-    from elastic_megatron.elastic.jobs import family_from_checkpoint
-
-    return family_from_checkpoint(cfg, ckpt)
-
-
 # ----------------------------------------------------------------------------- the arms
 
 def arm_a_d(demo: Demo, out: Path, n_short: int, n_long: int, arms: str) -> dict:
@@ -171,6 +164,7 @@ def arm_b(demo: Demo, out: Path, n_short: int, n_long: int) -> dict:
 
 
 def arm_c(demo: Demo, out: Path, n_short: int, n_long: int) -> dict:
+    from elastic_megatron.elastic.jobs import family_from_checkpoint
     from elastic_megatron.train.elastic_loop import elastic_train
 
     run = out / "uniform_stage2"
@@ -183,7 +177,7 @@ def arm_c(demo: Demo, out: Path, n_short: int, n_long: int) -> dict:
     stages[1] = replace(stages[1], budget_probs=[])
     cfg = _run_cfg(demo.cfg, run, curriculum=stages)
     ckpt = elastic_train(cfg, demo.order).checkpoint
-    uni = slice_eval(demo.cfg, ckpt, router_family(demo.cfg, ckpt), run / "family", n_short, n_long)
+    uni = slice_eval(demo.cfg, ckpt, family_from_checkpoint(demo.cfg, ckpt), run / "family", n_short, n_long)
     return {r["name"]: {"weighted": {k: r[k] for k in ("params", "heldout_loss", "accuracy_short", "accuracy_long")},
                         "uniform": uni[r["name"]]} for r in demo.rows()}
 

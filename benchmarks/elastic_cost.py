@@ -157,6 +157,20 @@ def ratio_set(st: dict) -> dict:
                        "ratio_elastic_vs_plain": p("elastic_100", "plain")}}
 
 
+def timed_step(variant: str, model, sliced, elastic, subnets: dict, batch) -> tuple[float, float]:
+    """One forward (with labels) + `loss.mean().backward()` of a variant: (wall s, process CPU s)."""
+    tokens, pos, labels = batch
+    t0, c0 = time.perf_counter(), time.process_time()
+    if variant == "plain":
+        loss = model(tokens, pos, None, labels=labels)  # megatron-core's own forward, [b, s]
+    elif variant == "sliced_50":
+        loss = sliced(tokens, pos, None, labels=labels)
+    else:
+        loss = elastic(tokens, pos, labels, subnet=subnets[variant])
+    loss.mean().backward()
+    return time.perf_counter() - t0, time.process_time() - c0
+
+
 def bench_ddp(name: str, model, sliced, layout, elastic, subnets: dict, batch, rounds: int, warmup: int) -> dict:
     """The same variants as training runs them: the model wrapped in megatron's DDP (`wrap_ddp` of
     train/optim.py, as train/loop.py and train/elastic_loop.py do), so every parameter has a
@@ -169,7 +183,6 @@ def bench_ddp(name: str, model, sliced, layout, elastic, subnets: dict, batch, r
     zero_grad_buffer + step. Runs after the bare pass, on the same model."""
     from elastic_megatron.train.optim import wrap_ddp
 
-    tokens, pos, labels = batch
     ddp_model = wrap_ddp(model, layout)
     ddp_sliced = wrap_ddp(sliced, layout) if sliced is not None else None
     variants = list(VARIANTS) + (["sliced_50"] if sliced is not None else [])
@@ -181,15 +194,7 @@ def bench_ddp(name: str, model, sliced, layout, elastic, subnets: dict, batch, r
         if ddp_sliced is not None:
             ddp_sliced.zero_grad_buffer()
         zero_s[variant].append(time.perf_counter() - t)
-        t0, c0 = time.perf_counter(), time.process_time()
-        if variant == "plain":
-            loss = ddp_model(tokens, pos, None, labels=labels)
-        elif variant == "sliced_50":
-            loss = ddp_sliced(tokens, pos, None, labels=labels)
-        else:
-            loss = elastic(tokens, pos, labels, subnet=subnets[variant])
-        loss.mean().backward()
-        return time.perf_counter() - t0, time.process_time() - c0
+        return timed_step(variant, ddp_model, ddp_sliced, elastic, subnets, batch)
 
     st = time_variants(name, step, variants, rounds, warmup, tag=" ddp")
     ratios = ratio_set(st)
@@ -252,15 +257,7 @@ def bench_model(name: str, overrides: list[str], rounds: int, warmup: int, quick
         model.zero_grad(set_to_none=True)
         if sliced is not None:
             sliced.zero_grad(set_to_none=True)
-        t0, c0 = time.perf_counter(), time.process_time()
-        if variant == "plain":
-            loss = model(tokens, pos, None, labels=labels)  # megatron-core's own forward, [b, s]
-        elif variant == "sliced_50":
-            loss = sliced(tokens, pos, None, labels=labels)
-        else:
-            loss = elastic(tokens, pos, labels, subnet=subnets[variant])
-        loss.mean().backward()
-        return time.perf_counter() - t0, time.process_time() - c0
+        return timed_step(variant, model, sliced, elastic, subnets, (tokens, pos, labels))
 
     st = time_variants(name, step, variants, rounds, warmup)
     model.zero_grad(set_to_none=True)

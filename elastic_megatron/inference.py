@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from .elastic.model import group_rms_norm, rms_norm
+from .model.hybrid import squared_relu
 
 
 class CachedDecoder:
@@ -48,8 +49,7 @@ class CachedDecoder:
                 x = x + self._attention(i, layer, x)
             else:
                 h = rms_norm(x, layer.pre_mlp_layernorm.weight, self.eps)
-                x = x + F.linear(F.relu(F.linear(h, layer.mlp.linear_fc1.weight)).square(),
-                                 layer.mlp.linear_fc2.weight)
+                x = x + F.linear(squared_relu(F.linear(h, layer.mlp.linear_fc1.weight)), layer.mlp.linear_fc2.weight)
         x = rms_norm(x, m.decoder.final_norm.weight, self.eps)
         return F.linear(x, m.output_layer.weight)  # [b, V]
 

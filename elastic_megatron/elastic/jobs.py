@@ -85,22 +85,14 @@ def fit_router(cfg: RunConfig, vocab: int, layer_order, steps: int = 600):
     return router
 
 
-def family_subnets(cfg: RunConfig, router, vocab: int) -> list:
+def family_subnets(cfg: RunConfig, router) -> list:
     """One subnet per budget of `cfg.elastic.budgets`, nested (largest first): the full model for a
     budget at or above the parent's size, the hand-picked subnet where `elastic.subnets` names one,
     else the router's noise-free choice."""
-    from .subnet import Subnet, nest_family, subnet_from_spec
+    from .subnet import nest_family
 
-    parent_params = count_parameters(cfg.model, vocab)
-    specs = list(cfg.elastic.subnets) or [""] * len(cfg.elastic.budgets)
-    tp = cfg.elastic.sort_tensor_parallel or 1
-    out = []
-    for b, (target, spec) in enumerate(zip(router.targets, specs)):
-        if spec:
-            out.append(subnet_from_spec(spec, cfg.model, list(router.layer_order), tp))
-        else:
-            out.append(Subnet.full(cfg.model) if target >= parent_params else router.inference(b))
-    return nest_family(out)
+    fixed = router.fixed_subnets(cfg.elastic.subnets, cfg.elastic.sort_tensor_parallel or 1)
+    return nest_family([fixed[b] if b in fixed else router.inference(b) for b in range(len(router.targets))])
 
 
 def _router_for(cfg: RunConfig, loop: dict, vocab: int, budgets_given: bool, router_path: str = ""):
@@ -150,7 +142,7 @@ def slice_job(cfg: RunConfig, budgets: list[str], out_dir: str, router_path: str
     layout, tok, vocab, parent, loop = _parent(single, 1)
     try:
         router = _router_for(cfg, loop, vocab, bool(budgets), router_path)
-        family = family_subnets(cfg, router, vocab)
+        family = family_subnets(cfg, router)
         named = dict(zip(cfg.elastic.budgets, family))
         extra = {text: {"target": target} for text, target in zip(cfg.elastic.budgets, router.targets)}
         return _write_slices(single, parent, layout, vocab, named, out_dir, extra)
@@ -176,6 +168,6 @@ def family_from_checkpoint(cfg: RunConfig, ckpt: str) -> dict:
     try:
         if "router" not in loop:
             raise ValueError(f"{ckpt} holds no router state: pass an elastic-train checkpoint")
-        return dict(zip(cfg.elastic.budgets, family_subnets(cfg, _router_for(cfg, loop, vocab, False), vocab)))
+        return dict(zip(cfg.elastic.budgets, family_subnets(cfg, _router_for(cfg, loop, vocab, False))))
     finally:
         destroy_distributed()

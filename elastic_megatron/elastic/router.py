@@ -40,7 +40,7 @@ from torch import Tensor, nn
 
 from ..config import ModelConfig, RouterConfig, RunConfig
 from .cost import expected_memory, expected_params, resolve_budgets, smallest_subnet, subnet_cost
-from .subnet import AXES, AxisChoices, Subnet, layer_slots, resolve_choices
+from .subnet import AXES, AxisChoices, Subnet, layer_slots, resolve_choices, subnet_from_spec
 
 # Which layer types each axis shapes ("" = every layer).
 _AXIS_TYPE = {"hidden": "", "mamba_heads": "M", "mamba_head_dim": "M", "attn_heads": "*", "ffn": "-", "depth": ""}
@@ -208,6 +208,18 @@ class RouterSet(nn.Module):
         """The exact cost of one subnet in the router's unit (parameters or bytes)."""
         r = self.rcfg
         return subnet_cost(s, self.m, self.vocab, r.cost, r.memory_seq_length, r.memory_batch_size, r.bytes_per_param)
+
+    def fixed_subnets(self, specs: Sequence[str] = (), tp: int = 1) -> dict[int, Subnet]:
+        """{budget index: subnet} for the budgets with no router choice: the full model where the target
+        is at or above the parent's cost (in the router's unit), and each hand-picked `elastic.subnets`
+        entry (see subnet_from_spec). Training and slicing both take their fixed subnets from here."""
+        full = Subnet.full(self.m)
+        parent = self.cost_of(full)
+        out = {b: full for b, t in enumerate(self.targets) if t >= parent * (1 - 1e-9)}
+        for b, spec in enumerate(specs):
+            if spec:
+                out[b] = subnet_from_spec(spec, self.m, self.layer_order, tp)
+        return out
 
     def gates(self, chosen: dict[str, Tensor]) -> Tensor:
         """[L] straight-through gates: p / p.detach() with p the layer's chosen-probability product."""

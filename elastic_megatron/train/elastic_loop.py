@@ -36,7 +36,7 @@ from ..data.tokenizer import load_tokenizer
 from ..elastic.distill import kd_loss
 from ..elastic.model import ElasticHybrid, SoftMasks
 from ..elastic.router import all_reduce_router_grads, build_router, router_optimizer
-from ..elastic.subnet import Subnet, subnet_from_spec, subnet_params
+from ..elastic.subnet import subnet_params
 from ..model.hybrid import build_model, padded_vocab_size
 from ..parallel import ParallelLayout, destroy_distributed, init_distributed
 from .checkpoint import latest_checkpoint, load_checkpoint, resolve_checkpoint, save_checkpoint
@@ -127,11 +127,7 @@ def _elastic_train(cfg: RunConfig, layout: ParallelLayout, layer_order) -> Elast
     logger = MetricsLogger(cfg, enabled=rank0, total_steps=total_steps, start_step=start)
     result = ElasticResult(metrics=str(logger.path), router=router, layer_order=list(router.layer_order))
     hard = cfg.elastic.mode == "hard"
-    parent_cost = router.expected_cost({a: _one_hot_full(router, a) for a in router.axes}).item()
-    fixed = {b: Subnet.full(cfg.model) for b, target in enumerate(router.targets) if target >= parent_cost * (1 - 1e-9)}
-    for b, spec in enumerate(cfg.elastic.subnets):  # hand-picked architectures (prune-and-distill)
-        if spec:
-            fixed[b] = subnet_from_spec(spec, cfg.model, list(router.layer_order), cfg.elastic.sort_tensor_parallel or 1)
+    fixed = router.fixed_subnets(cfg.elastic.subnets, cfg.elastic.sort_tensor_parallel or layout.tensor)
     fixed_cost = {b: router.cost_of(s) for b, s in fixed.items()}
     stage_start = 0
     for stage in cfg.curriculum:
@@ -187,12 +183,6 @@ def _elastic_train(cfg: RunConfig, layout: ParallelLayout, layer_order) -> Elast
         stage_start = stage_end
     logger.close()
     return result
-
-
-def _one_hot_full(router, axis: str) -> torch.Tensor:
-    """Probabilities that pick the largest choice (index 0) on `axis`, in the router's shapes."""
-    z = router.logits(0)[axis]
-    return torch.zeros_like(z).index_fill_(-1, torch.tensor([0]), 1.0).detach()
 
 
 def _forward_step(s_view, t_view, decisions, router, cfg: RunConfig, data_iterator, model):
