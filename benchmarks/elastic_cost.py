@@ -14,9 +14,10 @@ backward) of four variants:
     elastic_75   the same under a homogeneous subnet with ~75% of the parent's parameters
     elastic_50   ... ~50%
 
-Subnets scale hidden, FFN, Mamba heads (multiples of the B/C groups) and attention heads
-(multiples of the KV groups) together and keep every layer; `subnet_params` gives the achieved
-fraction, which is printed. The machine is noisy, so after warm-up the variants run round-robin
+The subnets are the library's homogeneous baseline at that parameter target
+(`elastic.subnet.homogeneous_for_target`, the same as ablation (d)): one width per axis for every
+layer, every layer and the full Mamba head dim kept, the most balanced within 1% of the target;
+`subnet_params` gives the achieved fraction, which is printed. The machine is noisy, so after warm-up the variants run round-robin
 (plain, e100, e75, e50, plain, ...) for --rounds rounds and each variant reports its median.
 Gradients are set to None between steps (outside the timed region). Logs go to stderr; the last
 line on stdout is one JSON object (see docs/performance.md for the keys and a recorded run). If any
@@ -46,7 +47,7 @@ import torch
 from elastic_megatron.config import load_config
 from elastic_megatron.elastic.model import ElasticHybrid
 from elastic_megatron.elastic.slicing import sliced_model_config
-from elastic_megatron.elastic.subnet import Subnet, check_subnet, homogeneous_subnet, subnet_params
+from elastic_megatron.elastic.subnet import Subnet, homogeneous_for_target, subnet_params
 from elastic_megatron.model.hybrid import build_model, count_parameters
 from elastic_megatron.parallel import ParallelLayout, destroy_distributed, init_distributed
 
@@ -74,29 +75,6 @@ QUICK_SHAPES = {"tiny": (2, 64), "medium": (1, 64)}
 
 def log(*args) -> None:
     print(*args, file=sys.stderr, flush=True)
-
-
-def budget_subnet(m, target: float, tol: float = 0.01) -> Subnet:
-    """A homogeneous subnet (all layers kept, full Mamba head dim) with about `target` x the parent's
-    parameters. Hidden moves in steps of hidden/24 (rounded to 8 channels); the widths follow one
-    common fraction w: Mamba heads in multiples of the B/C groups, attention heads in multiples of
-    the KV groups, FFN in multiples of 64. Among the candidates within `tol` of the target, the most
-    balanced one (hidden fraction closest to w) wins; if none is that close, the nearest."""
-    full = subnet_params(Subnet.full(m), m, VOCAB)
-    h_step = max(8, (m.hidden_size // 24) // 8 * 8)
-    cands = []
-    for h in range(h_step, m.hidden_size + 1, h_step):
-        for w in [i / 64 for i in range(8, 65)]:
-            mh = max(m.mamba_num_groups, round(w * m.mamba_num_heads / m.mamba_num_groups) * m.mamba_num_groups)
-            ah = max(m.num_query_groups,
-                     round(w * m.num_attention_heads / m.num_query_groups) * m.num_query_groups)
-            ffn = min(m.ffn_hidden_size, max(64, round(w * m.ffn_hidden_size / 64) * 64))
-            s = homogeneous_subnet(m, h, mh, m.mamba_head_dim, ah, ffn)
-            err = abs(subnet_params(s, m, VOCAB) / full - target)
-            cands.append((err > tol, abs(h / m.hidden_size - w) if err <= tol else err, err, s))
-    best = min(cands, key=lambda c: c[:3])[3]
-    check_subnet(best, m)
-    return best
 
 
 def op_category(name: str) -> str:
@@ -235,7 +213,7 @@ def bench_model(name: str, overrides: list[str], rounds: int, warmup: int, quick
     pos = torch.arange(s).expand(b, s)
 
     subnets = {"elastic_100": Subnet.full(m)}
-    subnets.update({v: budget_subnet(m, f) for v, f in BUDGETS.items()})
+    subnets.update({v: homogeneous_for_target(m, VOCAB, f * params) for v, f in BUDGETS.items()})
     fractions = {v: subnet_params(sn, m, VOCAB) / params for v, sn in subnets.items()}
     fractions["plain"] = 1.0
     log(f"[{name}] params {params:,}  batch {b} x seq {s}  threads {torch.get_num_threads()}  "

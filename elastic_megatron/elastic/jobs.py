@@ -96,13 +96,15 @@ def family_subnets(cfg: RunConfig, router) -> list:
 
 
 def _router_for(cfg: RunConfig, loop: dict, vocab: int, budgets_given: bool, router_path: str = ""):
+    """The router whose choices are sliced: a saved one, the one an elastic-train checkpoint holds
+    (for its own budgets), else one fitted on the budget loss alone."""
     from .importance import ImportanceScores
 
+    if router_path:
+        return torch.load(router_path, weights_only=False)
     order = None
     if cfg.elastic.importance_path and Path(cfg.elastic.importance_path).exists():
         order = ImportanceScores.load(cfg.elastic.importance_path).layer_order
-    if router_path:
-        return torch.load(router_path, weights_only=False)
     if "router" in loop and not budgets_given:  # the router trained by elastic-train, for its own budgets
         from .router import build_router
 

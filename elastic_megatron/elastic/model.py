@@ -110,31 +110,21 @@ def _attn_runs(groups_l: int, hpg: int, d: int, a_per_group: int):
     return _index_runs(qkv), _index_runs(proj)
 
 
-def _norm_sel(sel, size: int):
-    """None | prefix length | index tensor -> None when it keeps everything."""
-    if sel is None or (isinstance(sel, int) and sel == size):
-        return None
-    if isinstance(sel, torch.Tensor) and sel.numel() == size and bool((sel == torch.arange(size)).all()):
-        return None
-    return sel
-
-
-def _select(t: torch.Tensor, dim: int, sel) -> torch.Tensor:
-    if sel is None:
-        return t
-    return t.narrow(dim, 0, sel) if isinstance(sel, int) else t.index_select(dim, sel.to(t.device))
+def _select_rows(t: torch.Tensor, rows) -> torch.Tensor:
+    """t[:rows] for a prefix length, t[rows] for an index tensor."""
+    return t.narrow(0, 0, rows) if isinstance(rows, int) else t.index_select(0, rows.to(t.device))
 
 
 class _SubWeight(torch.autograd.Function):
-    """w[rows][:, cols] whose backward adds the gradient into the kept slice of the weight's existing
-    gradient buffer (megatron DDP's `main_grad`, else `.grad`) instead of returning a zero-filled
-    parent-sized gradient: backward cost then follows the budget too."""
+    """w[rows] (a small weight: norm, conv, A_log, D, dt_bias) whose backward adds the gradient into
+    the kept rows of the weight's gradient buffer (megatron DDP's `main_grad`, else `.grad`) instead
+    of returning a zero-filled parent-sized gradient. The projections go through `_linear`."""
 
     @staticmethod
-    def forward(ctx, w, rows, cols):
+    def forward(ctx, w, rows):
         ctx.save_for_backward(w)
-        ctx.rows, ctx.cols = rows, cols
-        return _select(_select(w, 0, rows), 1, cols).contiguous()
+        ctx.rows = rows
+        return _select_rows(w, rows).contiguous()
 
     @staticmethod
     def backward(ctx, g):
@@ -144,30 +134,23 @@ class _SubWeight(torch.autograd.Function):
             if w.grad is None:
                 w.grad = torch.zeros_like(w)
             buf = w.grad
-        rows, cols = ctx.rows, ctx.cols
-        if isinstance(cols, torch.Tensor):  # rows is a prefix (or all): add along dim 1
-            target = buf if rows is None else buf.narrow(0, 0, rows)
-            target.index_add_(1, cols.to(buf.device), g.to(buf.dtype))
+        rows = ctx.rows
+        if isinstance(rows, int):
+            buf.narrow(0, 0, rows).add_(g.to(buf.dtype))
         else:
-            target = buf if cols is None else buf.narrow(1, 0, cols)
-            if isinstance(rows, torch.Tensor):
-                target.index_add_(0, rows.to(buf.device), g.to(buf.dtype))
-            else:
-                (target if rows is None else target.narrow(0, 0, rows)).add_(g.to(buf.dtype))
-        return None, None, None
+            buf.index_add_(0, rows.to(buf.device), g.to(buf.dtype))
+        return None, None
 
 
-def _sub(w: torch.Tensor, rows=None, cols=None) -> torch.Tensor:
-    """The kept rows / columns of a weight (prefix length or index tensor each); `w` itself when full."""
-    rows = _norm_sel(rows, w.shape[0])
-    cols = _norm_sel(cols, w.shape[1]) if w.dim() > 1 else None
-    if rows is None and cols is None:
+def _sub(w: torch.Tensor, rows) -> torch.Tensor:
+    """The kept rows of a weight (a prefix length or an index tensor); `w` itself when all are kept."""
+    n = w.shape[0]
+    if (isinstance(rows, int) and rows == n) or (
+            isinstance(rows, torch.Tensor) and rows.numel() == n and bool((rows == torch.arange(n)).all())):
         return w
-    if isinstance(rows, torch.Tensor) and isinstance(cols, torch.Tensor):
-        return _select(_select(w, 0, rows), 1, cols)  # not used by the layers; plain autograd
     if not (w.requires_grad and torch.is_grad_enabled()):
-        return _select(_select(w, 0, rows), 1, cols)
-    return _SubWeight.apply(w, rows, cols)
+        return _select_rows(w, rows)
+    return _SubWeight.apply(w, rows)
 
 
 def _as_runs(sel, size: int) -> tuple[tuple[int, int], ...]:
@@ -382,7 +365,7 @@ class ElasticHybrid:
             # p2p buffers have the parent's width: pad a narrower hidden with zeros.
             return F.pad(x, (0, self.m.hidden_size - x.shape[-1])) if x.shape[-1] < self.m.hidden_size else x
         hmask = masks.hidden if soft else None
-        x = rms_norm(x, _sub(model.decoder.final_norm.weight, rows=hk), self.m.norm_epsilon, hmask)
+        x = rms_norm(x, _sub(model.decoder.final_norm.weight, hk), self.m.norm_epsilon, hmask)
         x = copy_to_tensor_model_parallel_region(x)
         logits = _linear(x, model.output_layer.weight, cols=hk)  # [s, b, V/tp]
         if labels is None:
@@ -394,7 +377,7 @@ class ElasticHybrid:
 
     def _norm(self, norm, x, masks):
         hk = x.shape[-1]
-        return rms_norm(x, _sub(norm.weight, rows=hk), self.m.norm_epsilon, masks.hidden if masks else None)
+        return rms_norm(x, _sub(norm.weight, hk), self.m.norm_epsilon, masks.hidden if masks else None)
 
     def _mamba(self, layer, x, s: Subnet, k: int, masks: Optional[SoftMasks]):
         mixer, m = layer.mixer, self.m
@@ -411,9 +394,9 @@ class ElasticHybrid:
         row_runs, chan_runs = _mamba_runs(heads_l, groups_l, p, n, a, d)
         zxbcdt = _linear(h, mixer.in_proj.weight, rows=row_runs, cols=hk)  # [s, b, *]
         d_in = kept_heads.numel() * d
-        A = -torch.exp(_sub(mixer.A_log, rows=kept_heads).float())
-        conv_w = _sub(mixer.conv1d.weight, rows=conv_idx).squeeze(1)  # [c, w]
-        conv_b = _sub(mixer.conv1d.bias, rows=conv_idx)
+        A = -torch.exp(_sub(mixer.A_log, kept_heads).float())
+        conv_w = _sub(mixer.conv1d.weight, conv_idx).squeeze(1)  # [c, w]
+        conv_b = _sub(mixer.conv1d.bias, conv_idx)
         z, xbc, dt = torch.split(zxbcdt.transpose(0, 1), [d_in, d_in + 2 * groups_l * n, kept_heads.numel()], dim=-1)
         xbc = F.silu(_causal_conv(xbc, conv_w, conv_b))  # [b, s, c]
         xs, B, C = torch.split(xbc, [d_in, groups_l * n, groups_l * n], dim=-1)
@@ -426,10 +409,10 @@ class ElasticHybrid:
         b_, s_ = xs.shape[:2]
         y = _mixer_ops().mamba_chunk_scan_combined(
             xs.reshape(b_, s_, -1, d), dt, A, B.reshape(b_, s_, groups_l, n), C.reshape(b_, s_, groups_l, n),
-            mixer.chunk_size, D=_sub(mixer.D, rows=kept_heads), z=z.reshape(b_, s_, -1, d),
-            dt_bias=_sub(mixer.dt_bias, rows=kept_heads).float(), dt_softplus=True,
+            mixer.chunk_size, D=_sub(mixer.D, kept_heads), z=z.reshape(b_, s_, -1, d),
+            dt_bias=_sub(mixer.dt_bias, kept_heads).float(), dt_softplus=True,
         ).reshape(b_, s_, d_in)
-        y = group_rms_norm(y, _sub(mixer.norm.weight, rows=chans), groups_l, 1e-5, chan_mask)
+        y = group_rms_norm(y, _sub(mixer.norm.weight, chans), groups_l, 1e-5, chan_mask)
         y = _linear(y.transpose(0, 1), mixer.out_proj.weight, rows=hk, cols=chan_runs)
         return reduce_from_tensor_model_parallel_region(y)
 
