@@ -4,7 +4,8 @@
     torchrun --standalone --nproc_per_node=4 -m elastic_megatron.cli train parallel.tensor=2 parallel.pipeline=2
     elastic-megatron prepare-data --input docs.jsonl --output data/docs --tokenizer char
 
-Dotted `key=value` overrides follow the YAML. Config errors print one line and exit with code 2.
+Dotted `key=value` overrides follow the YAML. A config or input error prints one line (once, by
+rank 0 under torchrun) and every process exits with code 2.
 """
 
 from __future__ import annotations
@@ -38,8 +39,10 @@ def cmd_train(args) -> int:
 def cmd_prepare_data(args) -> int:
     from .data.prepare import prepare_data
 
-    stats = prepare_data(args.input, args.output, tokenizer_spec=args.tokenizer, text_key=args.text_key)
-    print(f"wrote {stats['documents']:,} documents, {stats['tokens']:,} tokens to {args.output}.bin/.idx")
+    stats = prepare_data(args.input, args.output, tokenizer_spec=args.tokenizer, text_key=args.text_key,
+                         show_progress=sys.stderr.isatty())
+    print(f"wrote {stats['num_documents']:,} documents, {stats['num_tokens']:,} tokens ({stats['dtype']}, "
+          f"vocab {stats['vocab_size']:,}) to {stats['bin_path']} and {stats['idx_path']}")
     return 0
 
 
@@ -85,13 +88,15 @@ def cmd_elastic(args) -> int:
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
-    report = run_demo(args.out, args.overrides)
+    report = run_demo(args.out, args.overrides, n_short=args.short_problems, n_long=args.long_problems)
     print(f"report: {args.out}/report.md, {args.out}/report.json, {args.out}/quality_vs_params.png")
     return 0 if report["nested"] else 1
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="elastic-megatron", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="also show the warnings megatron prints where Transformer Engine / Apex are absent")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("train", help="train the hybrid parent (torchrun for several processes)")
     _add_config_args(p)
@@ -107,6 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_importance)
     p = sub.add_parser("demo", help="the main job: parent -> importance -> elastic training -> 3 sliced models")
     p.add_argument("--out", default="demo_out", help="output directory (a trained parent there is reused)")
+    p.add_argument("--short-problems", type=int, default=64, help="held-out short problems per evaluation")
+    p.add_argument("--long-problems", type=int, default=16, help="held-out long problems per evaluation")
     p.add_argument("overrides", nargs="*", help="dotted overrides for the demo config, e.g. train.steps=100")
     p.set_defaults(func=cmd_demo)
     p = sub.add_parser("elastic-train", help="train the sorted parent's nested family (router + KD + curriculum)")
@@ -124,14 +131,38 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# What megatron says on every import where Transformer Engine and Apex are missing (any CPU box):
+# true, expected there, and eight lines that bury the one line a user needs. `--verbose` shows them.
+# The deprecation megatron's own checkpoint loader trips in torch is likewise nothing a user can act on.
+_CPU_ONLY_WARNINGS = (r"Transformer Engine and Apex are not installed", r"full scope is deprecated",
+                      r"`load_state_dict` is deprecated")
+
+
+def _quiet_cpu_warnings() -> None:
+    import warnings
+
+    for text in _CPU_ONLY_WARNINGS:
+        warnings.filterwarnings("ignore", message=f".*{text}.*")
+
+
+def _rank() -> int:
+    """This process's global rank: torchrun's RANK (set before any process group exists), else 0."""
+    return int(os.environ.get("RANK", "0"))
+
+
 def main(argv: list[str] | None = None) -> int:
     from .data.prepare import DataFormatError
 
     args = build_parser().parse_args(argv)
+    if not args.verbose:
+        _quiet_cpu_warnings()
     try:
         return args.func(args)
     except (ConfigError, DataFormatError, FileNotFoundError) as exc:
-        print(f"elastic-megatron: error: {exc}", file=sys.stderr)
+        # Every rank meets the same config or input, so every rank fails alike: rank 0 says it
+        # once and all of them exit 2 (torchrun then adds its own summary of the failed ranks).
+        if _rank() == 0:
+            print(f"elastic-megatron: error: {exc}", file=sys.stderr, flush=True)
         return 2
 
 

@@ -178,8 +178,10 @@ class ElasticConfig:
     importance_batches: int = 8  # calibration micro-batches for importance estimation
     importance_path: str = ""  # saved scores (.pt); empty = <logging.out_dir>/importance.pt
     depth_metric: str = "nmse"  # layer ranking: nmse (iterative normalized MSE of logits) or cosine
-    # TP size the parent was sorted under: FFN neurons are sorted inside each TP shard, so every
-    # shard keeps the same count (0 = parallel.tensor). Train and slice with the same value.
+    # TP size the sorted parent's FFN layout was written under (set by `importance`; 0 = not
+    # sorted). Any run re-lays the FFN for its own TP size when it loads the parent (an exact
+    # permutation, elastic/sorting.py), so train, slice and export under any TP; checkpoints that
+    # record their layout (all that this package writes) take precedence over this value.
     sort_tensor_parallel: int = 0
     # Hand-picked subnets, one entry per budget (same order): "" = the router chooses that budget's
     # subnet; else a subnet.json written by `elastic-megatron slice`, or a homogeneous spec such as
@@ -514,7 +516,7 @@ def _validate_elastic(cfg: RunConfig) -> None:
 
         for spec in e.subnets:
             if spec:
-                subnet_from_spec(spec, cfg.model, tp=e.sort_tensor_parallel or cfg.parallel.tensor)
+                subnet_from_spec(spec, cfg.model, tp=cfg.parallel.tensor)
     for axis in _AXES:
         for v in getattr(e, axis):
             if v <= 0:

@@ -75,8 +75,8 @@ def prepare_data(
     prepend_bos=True gives the `<bos> text <eos>` layout of SyntheticReasoningDataset;
     the default follows megatron's convention (documents separated by eod only).
 
-    Blank lines are skipped; any other unusable line raises DataFormatError naming it, and
-    then no output file is left behind. Returns statistics about what was written.
+    Blank lines are skipped; any other unusable line, or a file without a single document,
+    raises DataFormatError naming it, and then no output file is left behind. Returns statistics about what was written.
     """
     tok = load_tokenizer(tokenizer_spec)
     os.makedirs(os.path.dirname(os.path.abspath(output_prefix)), exist_ok=True)
@@ -92,6 +92,9 @@ def prepare_data(
 
     try:
         written = write_indexed_dataset(documents(), tmp, tok.vocab_size)
+        if written["num_documents"] == 0:
+            raise DataFormatError(f"{input_jsonl}: no documents (the file is empty or only blank lines); "
+                                  f"give a JSONL with one {{\"{text_key}\": ...}} object per line")
         # .bin first: megatron opens a dataset through its .idx, which appears last.
         os.replace(tmp + ".bin", output_prefix + ".bin")
         os.replace(tmp + ".idx", output_prefix + ".idx")

@@ -14,6 +14,7 @@ Every tokenizer here exposes:
 from __future__ import annotations
 
 import math
+import os
 
 # Special ids come first so they are stable no matter how the character set evolves.
 PAD_ID, BOS_ID, EOS_ID, UNK_ID = 0, 1, 2, 3
@@ -99,6 +100,11 @@ class HFTokenizer:
                 "or use tokenizer 'char'."
             ) from e
         self.name = name_or_path
+        # a path (not a hub id such as "org/name") that does not exist: say so instead of a hub lookup
+        looks_local = os.path.isabs(name_or_path) or name_or_path.startswith((".", "~"))
+        if looks_local and not os.path.isdir(name_or_path):
+            raise FileNotFoundError(f"tokenizer '{name_or_path}': no such directory; give a local Hugging Face "
+                                    "tokenizer directory (tokenizer.json / tokenizer_config.json) or 'char'")
         self.tok = AutoTokenizer.from_pretrained(name_or_path)
         if self.tok.eos_token_id is None:
             raise ValueError(f"HF tokenizer {name_or_path!r} has no eos token; cannot mark ends")

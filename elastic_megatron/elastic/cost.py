@@ -123,17 +123,33 @@ def smallest_subnet(m: ModelConfig, choices: AxisChoices, layer_order: Optional[
                               depth=min(choices.depth))
 
 
+def names_parent(text: str, parent_params: int) -> bool:
+    """Whether budget `text` is a count ("12B", "2.4M") equal to the parent's size rounded to the
+    decimals it is written with."""
+    t = str(text).strip().upper()
+    scale = {"K": 1e3, "M": 1e6, "B": 1e9, "T": 1e12}.get(t[-1:] if t else "")
+    if not scale:
+        return False
+    digits = t[:-1]
+    decimals = len(digits.split(".", 1)[1]) if "." in digits else 0
+    return round(parent_params / scale, decimals) == round(float(digits), decimals)
+
+
 def resolve_budgets(budget_strings: Sequence[str], parent_params: int,
                     min_params: Optional[int] = None) -> list[int]:
     """Budget strings -> integer targets: fractions x `parent_params`, counts ("6B", "2.5M") as given.
 
     `parent_params` is the parent's cost in the router's unit (parameters, or bytes with the memory
     cost). Raises ConfigError if a target exceeds the parent or, when `min_params` (the smallest
-    possible subnet's cost) is given, is below it."""
+    possible subnet's cost) is given, is below it.
+
+    A count that is the parent's own size at the precision it is written in names the parent: "12B"
+    for a 12.31B parent, as the paper's 12B / 9B / 6B family does ("12.0B" would ask for 12.0B)."""
     out = []
     for text in budget_strings:
         v = parse_budget(text)
-        target = round(v * parent_params) if isinstance(v, float) else int(v)
+        target = round(v * parent_params) if isinstance(v, float) else parent_params if names_parent(text, parent_params) \
+            else int(v)
         if target > parent_params:
             raise ConfigError(f"config key 'elastic.budgets': budget {text} = {target:,} exceeds the parent model "
                               f"({parent_params:,}); use a fraction <= 1 or a smaller count")

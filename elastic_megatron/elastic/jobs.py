@@ -19,13 +19,14 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from ..config import RunConfig, to_yaml
+from ..config import RunConfig, parse_budget, to_yaml
 from ..data.build import build_datasets
 from ..data.tokenizer import load_tokenizer
 from ..model.hybrid import build_model, count_parameters, padded_vocab_size
 from ..parallel import ParallelLayout, destroy_distributed, init_distributed
-from ..train.checkpoint import load_checkpoint, resolve_checkpoint, save_checkpoint
+from ..train.checkpoint import resolve_checkpoint, save_checkpoint
 from ..train.loop import run_dtype
+from .sorting import load_parent
 
 
 def _parent(cfg: RunConfig, world: int):
@@ -34,7 +35,8 @@ def _parent(cfg: RunConfig, world: int):
     tok = load_tokenizer(cfg.data.tokenizer)
     vocab = padded_vocab_size(cfg.model, tok.vocab_size, layout.tensor)
     model = build_model(cfg, layout, vocab, run_dtype(cfg.train.precision))
-    loop = load_checkpoint(resolve_checkpoint(cfg.checkpoint.load), model) if cfg.checkpoint.load else {}
+    # a sorted parent comes out laid for this TP size, whatever TP size it was written under
+    loop = load_parent(resolve_checkpoint(cfg.checkpoint.load), model, cfg, layout) if cfg.checkpoint.load else {}
     return layout, tok, vocab, model, loop
 
 
@@ -64,7 +66,8 @@ def importance_job(cfg: RunConfig) -> dict:
         if dist.get_rank() == 0:
             sorted_dir.mkdir(parents=True, exist_ok=True)
             (sorted_dir / "config.yaml").write_text(to_yaml(sorted_cfg))
-        ckpt = save_checkpoint(sorted_dir / "checkpoints", 0, model, None, {"step": 0, "sorted": True})
+        ckpt = save_checkpoint(sorted_dir / "checkpoints", 0, model, None,
+                               {"step": 0, "sorted": True, "ffn_layout_tp": layout.tensor})
         return {"importance": str(path), "sorted_checkpoint": str(ckpt), "layer_order": scores.layer_order,
                 "config": str(sorted_dir / "config.yaml")}
     finally:
@@ -75,7 +78,7 @@ def fit_router(cfg: RunConfig, vocab: int, layer_order, steps: int = 600):
     """A router trained on the budget loss alone (for slicing a parent that had no router training)."""
     from .router import build_router, router_optimizer
 
-    router = build_router(cfg, vocab, layer_order=layer_order, tp=cfg.elastic.sort_tensor_parallel or 1)
+    router = build_router(cfg, vocab, layer_order=layer_order, tp=1)
     opt = router_optimizer(router, cfg.router)
     for step in range(steps):
         for b in range(len(router.targets)):
@@ -91,7 +94,7 @@ def family_subnets(cfg: RunConfig, router) -> list:
     else the router's noise-free choice."""
     from .subnet import nest_family
 
-    fixed = router.fixed_subnets(cfg.elastic.subnets, cfg.elastic.sort_tensor_parallel or 1)
+    fixed = router.fixed_subnets(cfg.elastic.subnets, 1)  # slicing runs in one process
     return nest_family([fixed[b] if b in fixed else router.inference(b) for b in range(len(router.targets))])
 
 
@@ -108,7 +111,7 @@ def _router_for(cfg: RunConfig, loop: dict, vocab: int, budgets_given: bool, rou
     if "router" in loop and not budgets_given:  # the router trained by elastic-train, for its own budgets
         from .router import build_router
 
-        router = build_router(cfg, vocab, layer_order=order, tp=cfg.elastic.sort_tensor_parallel or 1)
+        router = build_router(cfg, vocab, layer_order=order, tp=1)
         router.load_state_dict(loop["router"])
         return router
     return fit_router(cfg, vocab, order)  # no trained router (or new budgets): fit one on the budget loss alone
@@ -118,13 +121,12 @@ def _write_slices(single: RunConfig, parent, layout, vocab: int, named: dict, ou
     from .slicing import gather_full_state, load_full_state, slice_state, sliced_model_config, write_standalone
     from .subnet import subnet_params
 
-    full = gather_full_state(parent, single, layout)
-    sort_tp = single.elastic.sort_tensor_parallel or 1
+    full = gather_full_state(parent, single, layout)  # the parent was re-laid for TP=1 when loaded
     rows = []
     for text, subnet in named.items():
         small_cfg = replace(single, model=sliced_model_config(single.model, subnet))
         small = build_model(small_cfg, ParallelLayout.resolve(small_cfg, 1), vocab, torch.float32)
-        load_full_state(small, slice_state(full, single.model, subnet, sort_tp), small_cfg, layout)
+        load_full_state(small, slice_state(full, single.model, subnet), small_cfg, layout)
         params = count_parameters(small_cfg.model, vocab)
         assert params == subnet_params(subnet, single.model, vocab)
         path = write_standalone(Path(out_dir) / ("budget_" + text.replace(".", "p")), small_cfg, small, subnet,
@@ -138,6 +140,8 @@ def _write_slices(single: RunConfig, parent, layout, vocab: int, named: dict, ou
 
 def slice_job(cfg: RunConfig, budgets: list[str], out_dir: str, router_path: str = "") -> list[dict]:
     """Cut each budget out of the sorted parent in `checkpoint.load` into a standalone checkpoint."""
+    for b in budgets:  # before the (slow) parent load
+        parse_budget(b)
     if budgets:
         cfg = replace(cfg, elastic=replace(cfg.elastic, budgets=list(budgets), subnets=[]))
     single = replace(cfg, parallel=replace(cfg.parallel, tensor=1, pipeline=1, data=1))

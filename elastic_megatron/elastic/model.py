@@ -320,12 +320,6 @@ class ElasticHybrid:
         self.offset = stage_layer_offset(cfg, layout, ps.get_pipeline_model_parallel_rank())
         self.slots = layer_slots(cfg.model.hybrid_override_pattern)
         self.full = Subnet.full(cfg.model)
-        sort_tp = cfg.elastic.sort_tensor_parallel or layout.tensor
-        if sort_tp != layout.tensor:
-            # FFN neurons were sorted inside the shards of that layout; another TP size would give
-            # shards unequal, non-prefix subsets.
-            raise ValueError(f"config key 'elastic.sort_tensor_parallel': the parent was sorted under TP {sort_tp} "
-                             f"but runs with TP {layout.tensor}; run with parallel.tensor={sort_tp} or re-sort")
 
     def __call__(self, tokens, position_ids, labels=None, subnet: Optional[Subnet] = None,
                  gates: Optional[torch.Tensor] = None, masks: Optional[SoftMasks] = None,

@@ -19,13 +19,16 @@ RMSNorm normalises each contiguous block of d_inner / G channels (= one group's 
 permutation inside a group plus a head-dim permutation keeps every channel in its group's block,
 and the SSM treats each (head, channel) independently.
 
-Tensor parallelism. Every TP shard must keep the same number of channels for any budget, so no
-permutation crosses a shard: the slicer takes the same prefix on each shard and the kept set is the
-union of per-shard prefixes. Mamba groups and KV groups lie entirely inside one shard (groups are
-divisible by TP, checked by ParallelLayout), so sorting within groups is shard-local by itself;
-hidden and head-dim are replicated over TP and sorted globally; ffn is sorted inside each of
-`shards` equal blocks (default: the TP size; any multiple of it gives a layout-independent order,
-e.g. sort at TP=1 with shards=2 to match a TP=2 run exactly).
+Tensor parallelism. Every TP shard keeps the same number of channels for any budget: a subnet
+takes the same prefix on each shard and the kept set is the union of per-shard prefixes. Mamba
+groups and KV groups lie entirely inside one shard (groups are divisible by TP, checked by
+ParallelLayout), so sorting within groups is shard-local by itself; hidden and head-dim are
+replicated over TP. FFN neurons are ranked globally and dealt out to the TP shards round-robin
+(`ffn_layout`): under TP t, shard r holds the neurons ranked r, r + t, r + 2t, ... in that order.
+The per-shard prefixes of f / t neurons are then the f best neurons overall, whatever t is, so a
+subnet means the same neurons under every TP size and a sorted checkpoint written under one TP size
+is re-laid for another by an exact permutation (`relay_ffn`), never re-sorted. Dealing out crosses
+shards, so sorting and re-laying all-gather one MLP weight at a time over the TP group.
 
 Sort before megatron DDP / the optimizer are built: optimizer state is not permuted.
 """
@@ -34,9 +37,8 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, replace
-from typing import Optional
-
 import torch
+import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
 from ..config import ModelConfig
@@ -74,16 +76,29 @@ class SortPlan:
                        mamba_head_dim=take(s.mamba_head_dim, self.mamba_head_dim))
 
 
-def sort_plan(scores: ImportanceScores, m: ModelConfig, shards: int = 1) -> SortPlan:
-    if m.ffn_hidden_size % shards:
-        raise ValueError(f"ffn_hidden_size {m.ffn_hidden_size} does not split into {shards} shards")
+def sort_plan(scores: ImportanceScores, m: ModelConfig) -> SortPlan:
     return SortPlan(
         hidden=ranking(scores.hidden),
-        ffn=[ranking(s, shards) for s in scores.ffn],
+        ffn=[ranking(s) for s in scores.ffn],
         attn=[ranking(s, m.num_query_groups) for s in scores.attn],
         mamba_heads=[ranking(s, m.mamba_num_groups) for s in scores.mamba_heads],
         mamba_head_dim=[ranking(s) for s in scores.mamba_head_dim],
     )
+
+
+def ffn_layout(n: int, tp: int) -> torch.Tensor:
+    """Importance rank of the neuron at each global FFN position under TP `tp`: position
+    r * (n / tp) + i (row i of shard r) holds rank i * tp + r. ffn_layout(n, 1) is the identity."""
+    if n % tp:
+        raise ValueError(f"{n} FFN neurons do not split over TP {tp}")
+    p = torch.arange(n)
+    return (p % (n // tp)) * tp + p // (n // tp)
+
+
+def ffn_relay_index(n: int, from_tp: int, to_tp: int) -> torch.Tensor:
+    """src[p]: the global FFN position, in the layout of TP `from_tp`, of the neuron that position p
+    holds in the layout of TP `to_tp` (new = old.index_select(dim, src))."""
+    return ffn_layout(n, from_tp).argsort()[ffn_layout(n, to_tp)]
 
 
 def _local(perm: torch.Tensor, rank: int, tp: int) -> torch.Tensor:
@@ -137,25 +152,84 @@ def _param_ops(name: str, shape: torch.Size, plan: SortPlan, m: ModelConfig, off
             "self_attention.linear_qkv.weight": [(0, torch.cat(qkv)), (1, hid)],
             "self_attention.linear_proj.weight": [(0, hid), (1, (ap[:, None] * kv + ar(kv)).reshape(-1))],
         }
-    else:
-        fp = _local(plan.ffn[k], rank, tp)
+    else:  # global source neurons of this shard's positions (crosses shards: see _apply)
+        n = m.ffn_hidden_size
+        fp = _Global(plan.ffn[k][ffn_layout(n, tp)][rank * n // tp:(rank + 1) * n // tp])
         rules = {"mlp.linear_fc1.weight": [(0, fp), (1, hid)], "mlp.linear_fc2.weight": [(0, hid), (1, fp)]}
     if rest not in rules:
         raise KeyError(f"sorting: no rule for parameter '{name}' of a '{kind}' layer; add one to elastic/sorting.py")
     return rules[rest]
 
 
+@dataclass
+class _Global:
+    """Indices into the TP-gathered (full) tensor along a dim, not into this rank's shard."""
+
+    index: torch.Tensor
+
+
+def _tp_gather(t: torch.Tensor, dim: int, tp: int) -> torch.Tensor:
+    """The full tensor along `dim` from every TP rank's shard (on the tensor's device)."""
+    if tp == 1:
+        return t
+    parts = [torch.empty_like(t) for _ in range(tp)]
+    dist.all_gather(parts, t.contiguous(), group=ps.get_tensor_model_parallel_group())
+    return torch.cat(parts, dim=dim)
+
+
+def _apply(p: torch.Tensor, dim: int, idx, tp: int) -> None:
+    if isinstance(idx, _Global):
+        p.copy_(_tp_gather(p, dim, tp).index_select(dim, idx.index.to(p.device)))
+    else:
+        p.copy_(p.index_select(dim, idx.to(p.device)))
+
+
 @torch.no_grad()
-def sort_parent(model: torch.nn.Module, scores: ImportanceScores, m: ModelConfig, layout: ParallelLayout,
-                shards: Optional[int] = None) -> SortPlan:
+def sort_parent(model: torch.nn.Module, scores: ImportanceScores, m: ModelConfig, layout: ParallelLayout) -> SortPlan:
     """Permute this rank's weights in place so every budget is a prefix; returns the global plan."""
     tp, rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
-    shards = shards or tp
-    if shards % tp:
-        raise ValueError(f"shards={shards} must be a multiple of the TP size {tp}")
-    plan = sort_plan(scores, m, shards)
+    plan = sort_plan(scores, m)
     offset = _stage_offset(m, layout)
     for name, p in _unwrap(model).named_parameters():
         for dim, idx in _param_ops(name, p.shape, plan, m, offset, rank, tp):
-            p.data.copy_(p.data.index_select(dim, idx.to(p.device)))
+            _apply(p.data, dim, idx, tp)
     return plan
+
+
+@torch.no_grad()
+def relay_ffn(model: torch.nn.Module, m: ModelConfig, layout: ParallelLayout, from_tp: int) -> bool:
+    """Re-lay the FFN neurons of a sorted parent loaded from a checkpoint written under TP `from_tp`
+    for this run's TP size (an exact permutation of each MLP's neurons: the function is unchanged
+    and every subnet keeps the same neurons). Returns whether anything moved."""
+    tp, rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
+    if from_tp == tp:
+        return False
+    n = m.ffn_hidden_size
+    if n % from_tp:
+        raise ValueError(f"the checkpoint's FFN layout (TP {from_tp}) does not divide ffn_hidden_size {n}")
+    src = _Global(ffn_relay_index(n, from_tp, tp)[rank * n // tp:(rank + 1) * n // tp])
+    for name, p in _unwrap(model).named_parameters():
+        if name.endswith("mlp.linear_fc1.weight"):
+            _apply(p.data, 0, src, tp)
+        elif name.endswith("mlp.linear_fc2.weight"):
+            _apply(p.data, 1, src, tp)
+    return True
+
+
+def load_parent(path, model: torch.nn.Module, cfg, layout: ParallelLayout, optimizer=None) -> dict:
+    """load_checkpoint, then lay a sorted parent's FFN out for this run's TP size. The checkpoint's
+    own layout is the `ffn_layout_tp` its loop state records (every checkpoint of a sorted model
+    written by this package does), else `elastic.sort_tensor_parallel`; 0 = not sorted, nothing to
+    re-lay. Resuming (an optimizer given) needs the TP size the state was written under, because
+    the optimizer's moments are not re-laid."""
+    from ..config import ConfigError
+    from ..train.checkpoint import load_checkpoint
+
+    loop = load_checkpoint(path, model, optimizer)
+    from_tp = int(loop.get("ffn_layout_tp") or cfg.elastic.sort_tensor_parallel or layout.tensor)
+    if from_tp != layout.tensor and optimizer is not None:
+        raise ConfigError(f"config key 'parallel.tensor': {path} was written under TP {from_tp} and its optimizer "
+                          f"state is laid out for it; resume with parallel.tensor={from_tp}, or start a new run "
+                          f"from it (checkpoint.load={path} in a fresh logging.out_dir)")
+    relay_ffn(model, cfg.model, layout, from_tp)
+    return loop

@@ -36,6 +36,7 @@ from ..data.tokenizer import load_tokenizer
 from ..elastic.distill import kd_loss
 from ..elastic.model import ElasticHybrid, SoftMasks
 from ..elastic.router import all_reduce_router_grads, build_router, router_optimizer
+from ..elastic.sorting import load_parent
 from ..elastic.subnet import subnet_params
 from ..model.hybrid import build_model, padded_vocab_size
 from ..parallel import ParallelLayout, destroy_distributed, init_distributed
@@ -93,8 +94,8 @@ def _elastic_train(cfg: RunConfig, layout: ParallelLayout, layer_order) -> Elast
     total_steps = sum(st.steps for st in cfg.curriculum)
     sched_cfg = replace(t, steps=total_steps)
     optimizer = build_optimizer(ddp, t, layout, dtype)
-    # FFN choices follow the TP the parent was sorted under (as in `slice`); ElasticHybrid checks it is ours
-    router = build_router(cfg, vocab, layer_order=layer_order, tp=cfg.elastic.sort_tensor_parallel or layout.tensor)
+    # choices are validated for this run's TP: load_parent lays the sorted FFN out for it
+    router = build_router(cfg, vocab, layer_order=layer_order, tp=layout.tensor)
     router_opt = router_optimizer(router, cfg.router)
 
     out_dir = Path(cfg.logging.out_dir)
@@ -112,12 +113,12 @@ def _elastic_train(cfg: RunConfig, layout: ParallelLayout, layer_order) -> Elast
     start = 0
     resume_from = latest_checkpoint(ckpt_root) if cfg.checkpoint.resume else None
     if resume_from is not None:
-        loop = load_checkpoint(resume_from, student, optimizer)
+        loop = load_parent(resume_from, student, cfg, layout, optimizer)
         start = int(loop.get("step", 0))
         router.load_state_dict(loop["router"])
         router_opt.load_state_dict(loop["router_opt"])
     else:
-        load_checkpoint(parent_ckpt, student)
+        load_parent(parent_ckpt, student, cfg, layout)
     if rank0:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "config.yaml").write_text(to_yaml(cfg))
@@ -127,7 +128,7 @@ def _elastic_train(cfg: RunConfig, layout: ParallelLayout, layer_order) -> Elast
     logger = MetricsLogger(cfg, enabled=rank0, total_steps=total_steps, start_step=start)
     result = ElasticResult(metrics=str(logger.path), router=router, layer_order=list(router.layer_order))
     hard = cfg.elastic.mode == "hard"
-    fixed = router.fixed_subnets(cfg.elastic.subnets, cfg.elastic.sort_tensor_parallel or layout.tensor)
+    fixed = router.fixed_subnets(cfg.elastic.subnets, layout.tensor)
     fixed_cost = {b: router.cost_of(s) for b, s in fixed.items()}
     stage_start = 0
     for stage in cfg.curriculum:
@@ -178,7 +179,8 @@ def _elastic_train(cfg: RunConfig, layout: ParallelLayout, layer_order) -> Elast
             logger.progress(1, stage=stage.name, loss=record["loss"], budgets=record["budgets_seen"],
                             tok_s=round(record["tokens_per_s"]))
             if step + 1 == stage_end or (cfg.checkpoint.save_interval and (step + 1) % cfg.checkpoint.save_interval == 0):
-                state = {"step": step + 1, "router": router.state_dict(), "router_opt": router_opt.state_dict()}
+                state = {"step": step + 1, "router": router.state_dict(), "router_opt": router_opt.state_dict(),
+                         "ffn_layout_tp": layout.tensor}
                 result.checkpoint = str(save_checkpoint(ckpt_root, step + 1, student, optimizer, state))
         stage_start = stage_end
     logger.close()

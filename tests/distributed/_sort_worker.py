@@ -1,10 +1,11 @@
 """torchrun worker for test_sorting_tp.py: importance + sorting under one parallel layout after another.
 
     torchrun --nproc_per_node=1 tests/distributed/_sort_worker.py OUT ref
-        TP=1: saves OUT/ref.pt = scores, unsorted logits on random tokens, full weights sorted with shards=2
+        TP=1: saves OUT/ref.pt = scores, unsorted logits on random tokens, full weights sorted
     torchrun --nproc_per_node=2 tests/distributed/_sort_worker.py OUT tp2 pp2 dp2
         for each layout: importance vs the reference, logits before/after sorting (with the
-        reference scores), the gathered full sorted weights vs the reference; OUT/results.json
+        reference scores), the gathered full sorted weights vs the reference (its FFN dealt out
+        to the TP shards, sorting.ffn_layout); OUT/results.json
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from elastic_megatron.elastic.importance import (
     estimate_importance,
     run_forward,
 )
-from elastic_megatron.elastic.sorting import sort_parent
+from elastic_megatron.elastic.sorting import ffn_relay_index, sort_parent
 from elastic_megatron.model import sharding
 from elastic_megatron.model.hybrid import build_model, global_name
 from elastic_megatron.parallel import ParallelLayout, init_distributed
@@ -86,7 +87,7 @@ def run_layout(name: str, out_dir: str) -> dict | None:
     scores = estimate_importance(model, batches, cfg, layout)
     if name == "ref":
         unsorted = logits_of(model, probe)
-        sort_parent(model, scores, cfg.model, layout, shards=2)
+        sort_parent(model, scores, cfg.model, layout)
         torch.save({"scores": {k: getattr(scores, k) for k in scores.__dataclass_fields__},
                     "logits": unsorted, "weights": full_weights(model, cfg, layout)},
                    os.path.join(out_dir, "ref.pt"))
@@ -95,30 +96,27 @@ def run_layout(name: str, out_dir: str) -> dict | None:
     ref = torch.load(os.path.join(out_dir, "ref.pt"), weights_only=True)
     ref_scores = ImportanceScores(**ref["scores"])
     before = logits_of(model, probe)
-    refused = False
-    if layout.tensor > 1:
-        try:
-            sort_parent(model, ref_scores, cfg.model, layout, shards=1)  # would cross TP shards
-        except ValueError:
-            refused = True
-    plan = sort_parent(model, ref_scores, cfg.model, layout, shards=2)  # reference scores: weights compare exactly
+    plan = sort_parent(model, ref_scores, cfg.model, layout)  # reference scores: weights compare exactly
     after = logits_of(model, probe)
     weights = full_weights(model, cfg, layout)
-    half = cfg.model.ffn_hidden_size // 2
+    n = cfg.model.ffn_hidden_size
+    relay = ffn_relay_index(n, 1, layout.tensor)  # the TP=1 order dealt out to this layout's shards
+    expected = {k: w.index_select(0, relay) if k.endswith("linear_fc1.weight") else
+                w.index_select(1, relay) if k.endswith("linear_fc2.weight") else w for k, w in ref["weights"].items()}
     res = {
         "score_rel_err": score_err(scores, ref_scores),
         "order_equal": float(scores.layer_order == ref_scores.layer_order),
         "logits_vs_ref": rel(before, ref["logits"]) if before is not None else 0.0,
         "sorted_vs_unsorted": float((after - before).abs().max()) if before is not None else 0.0,
-        "weights_max_diff": max(float((w - ref["weights"][n]).abs().max()) for n, w in weights.items()),
-        "ffn_perm_in_shards": float(all(bool((p[:half] < half).all()) for p in plan.ffn)),
-        "refused_cross_shard": float(refused or layout.tensor == 1),
+        "weights_max_diff": max(float((w - expected[k]).abs().max()) for k, w in weights.items()),
+        "ffn_ranked_globally": float(all(torch.equal(p, sc.argsort(descending=True, stable=True))
+                                         for p, sc in zip(plan.ffn, ref_scores.ffn))),
         "stage_params": float(len(weights)),
     }
     # the worst value over ranks (stage_params: summed, so both PP stages together must cover the model)
     worst = {}
     for key, value in res.items():
-        flag = key in ("order_equal", "ffn_perm_in_shards", "refused_cross_shard")
+        flag = key in ("order_equal", "ffn_ranked_globally")
         op = dist.ReduceOp.SUM if key == "stage_params" else dist.ReduceOp.MIN if flag else dist.ReduceOp.MAX
         t = torch.tensor([value], dtype=torch.float64)
         dist.all_reduce(t, op=op)

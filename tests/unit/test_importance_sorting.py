@@ -218,17 +218,33 @@ def test_sorting_is_group_aware(setup):
     assert sorted(src_head.flatten().tolist()) == sorted(block[:, :q, 0].flatten().div(kv).long().tolist())
 
 
-def test_plan_stays_inside_shards_and_groups(setup):
-    from elastic_megatron.elastic.sorting import ranking, sort_plan
+def test_plan_ranks_ffn_globally_and_deals_it_out_round_robin(setup):
+    from elastic_megatron.elastic.sorting import ffn_layout, ffn_relay_index, ranking, sort_plan
 
     cfg, _, _, _, s = setup
     m = cfg.model
-    plan = sort_plan(s, m, shards=2)
-    half = m.ffn_hidden_size // 2
+    plan = sort_plan(s, m)
     for perm, score in zip(plan.ffn, s.ffn):
-        assert (perm[:half] < half).all() and (perm[half:] >= half).all()
-        assert torch.equal(perm[:half], score[:half].argsort(descending=True, stable=True))
-    assert not torch.equal(sort_plan(s, m, shards=1).ffn[0], plan.ffn[0])
+        assert torch.equal(perm, score.argsort(descending=True, stable=True))
+    # TP=2: shard 0 holds ranks 0, 2, 4, ..., shard 1 ranks 1, 3, 5, ...; the per-shard prefixes of
+    # f / 2 neurons are then the f best overall, for every f
+    assert ffn_layout(8, 1).tolist() == list(range(8))
+    assert ffn_layout(8, 2).tolist() == [0, 2, 4, 6, 1, 3, 5, 7]
+    assert ffn_layout(8, 4).tolist() == [0, 4, 1, 5, 2, 6, 3, 7]
+    for tp in (1, 2, 4):
+        lay = ffn_layout(8, tp)
+        for f in range(tp, 9, tp):
+            kept = torch.cat([lay[r * 8 // tp: r * 8 // tp + f // tp] for r in range(tp)])
+            assert sorted(kept.tolist()) == list(range(f)), (tp, f)
+    # re-laying TP a -> TP b gives exactly the TP b layout, and a -> b -> a is the identity
+    ranks = torch.arange(8)
+    for a in (1, 2, 4):
+        for b in (1, 2, 4):
+            moved = ffn_layout(8, a)[ffn_relay_index(8, a, b)]
+            assert torch.equal(moved, ffn_layout(8, b)), (a, b)
+            assert torch.equal(ranks[ffn_relay_index(8, a, b)][ffn_relay_index(8, b, a)], ranks)
+    with pytest.raises(ValueError, match="do not split"):
+        ffn_layout(6, 4)
     assert torch.equal(ranking(torch.tensor([1., 3., 2., 0.5, 4., 0.]), 2), torch.tensor([1, 2, 0, 4, 3, 5]))
     with pytest.raises(ValueError, match="equal blocks"):
         ranking(torch.ones(5), 2)

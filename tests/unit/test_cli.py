@@ -1,0 +1,275 @@
+"""Every subcommand through the installed `elastic-megatron` console script, as a user types it.
+
+For each: the happy path (exit 0, the files its output names exist and hold what it says, its last
+line) and a bad input (exit 2, exactly one line on stderr naming the problem, nothing left on
+disk). The happy paths chain like the README's pipeline: train -> importance -> elastic-train ->
+slice; prepare-data and demo stand alone.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import FAST, REPO
+
+PARENT = [*FAST, "data.seq_length=32", "train.micro_batch_size=2", "train.global_batch_size=4"]
+ONE_STAGE = ["curriculum=[{name: short, steps: 2}]"]
+
+
+def console_script() -> str:
+    """The `elastic-megatron` that `pip install -e .` put beside this interpreter (else on PATH)."""
+    beside = Path(sys.executable).with_name("elastic-megatron")
+    found = str(beside) if beside.exists() else shutil.which("elastic-megatron")
+    assert found, "the elastic-megatron console script is not installed (run `make install`)"
+    return found
+
+
+def em(*args: str, cwd: Path = REPO, timeout: int = 600) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([console_script(), *args], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def ok(proc: subprocess.CompletedProcess) -> list[str]:
+    """The stdout lines of a run that must have succeeded."""
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    return proc.stdout.strip().splitlines()
+
+
+def one_line_error(proc: subprocess.CompletedProcess, *words: str) -> str:
+    """A run that must have failed on bad input: exit 2, one line on stderr with `words`, no traceback."""
+    assert proc.returncode == 2, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("elastic-megatron: error: "), lines[0]
+    for w in words:
+        assert w in lines[0], (w, lines[0])
+    return lines[0]
+
+
+def printed_path(lines: list[str], label: str) -> Path:
+    line = next(x for x in lines if x.startswith(label))
+    return Path(line[len(label):].strip())
+
+
+# ----------------------------------------------------------------------------- the pipeline
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("cli")
+
+
+@pytest.fixture(scope="module")
+def trained(root) -> tuple[subprocess.CompletedProcess, Path]:
+    out = root / "parent"
+    return em("train", *PARENT, "train.steps=2", f"logging.out_dir={out}"), out
+
+
+@pytest.fixture(scope="module")
+def scored(root, trained) -> tuple[subprocess.CompletedProcess, Path]:
+    ok(trained[0])
+    out = root / "imp"
+    return em("importance", *PARENT, "elastic.importance_batches=2", f"checkpoint.load={trained[1]}",
+              f"logging.out_dir={out}"), out
+
+
+@pytest.fixture(scope="module")
+def sorted_args(scored) -> list[str]:
+    ok(scored[0])
+    return ["--config", str(scored[1] / "sorted" / "config.yaml"),
+            f"checkpoint.load={scored[1] / 'sorted' / 'checkpoints'}"]
+
+
+@pytest.fixture(scope="module")
+def elastic(root, sorted_args) -> tuple[subprocess.CompletedProcess, Path]:
+    out = root / "elastic"
+    return em("elastic-train", *sorted_args, *FAST, *ONE_STAGE, f"logging.out_dir={out}"), out
+
+
+def test_train(trained):
+    proc, out = trained
+    lines = ok(proc)
+    assert re.fullmatch(r"trained 2 steps \([\d,]+ parameters\); final loss \d+\.\d{4}", lines[0]), lines
+    ckpt = printed_path(lines, "checkpoint:")
+    assert ckpt == out / "checkpoints" / "iter_0000002" and (ckpt / "metadata.json").exists()
+    assert (out / "checkpoints" / "latest").read_text().strip() == ckpt.name
+    metrics = printed_path(lines, "metrics:")
+    assert [json.loads(x)["step"] for x in metrics.read_text().splitlines() if '"loss"' in x] == [1, 2]
+    assert lines[-1] == f"metrics:    {metrics}"
+    assert proc.stderr.strip() == ""  # megatron's CPU-only warnings are quiet without --verbose
+
+
+def test_train_bad_config_key(tmp_path):
+    out = tmp_path / "never"
+    one_line_error(em("train", "train.stepz=3", f"logging.out_dir={out}"), "config key 'train.stepz'", "unknown key")
+    assert not out.exists()
+
+
+def test_verbose_shows_megatron_warnings(tmp_path):
+    proc = em("--verbose", "train", *PARENT, "train.steps=1", f"logging.out_dir={tmp_path}")
+    ok(proc)
+    assert "Transformer Engine and Apex are not installed" in proc.stderr
+
+
+def test_importance(scored):
+    proc, out = scored
+    lines = ok(proc)
+    assert printed_path(lines, "importance scores:") == out / "importance.pt" and (out / "importance.pt").exists()
+    order = json.loads(lines[1].split(":", 1)[1])
+    assert sorted(order) == list(range(10))  # the tiny pattern's ten layers, most important first
+    m = re.fullmatch(r"sorted parent: (\S+) \(config (\S+)\)", lines[-1])
+    assert m, lines[-1]
+    assert (Path(m.group(1)) / "metadata.json").exists()
+    cfg_text = Path(m.group(2)).read_text()
+    assert "sort_tensor_parallel: 1" in cfg_text and str(out / "importance.pt") in cfg_text
+
+
+def test_importance_missing_checkpoint(tmp_path):
+    out = tmp_path / "imp"
+    one_line_error(em("importance", f"checkpoint.load={tmp_path / 'nowhere'}", f"logging.out_dir={out}"),
+                   str(tmp_path / "nowhere"))
+    assert not (out / "sorted").exists() and not (out / "importance.pt").exists()
+
+
+def test_elastic_train(elastic):
+    proc, out = elastic
+    lines = ok(proc)
+    assert re.fullmatch(r"elastic training done: final loss \d+\.\d{4}", lines[0]), lines
+    ckpt = printed_path(lines, "checkpoint:")
+    assert ckpt == out / "checkpoints" / "iter_0000002" and (ckpt / "metadata.json").exists()
+    records = [json.loads(x) for x in printed_path(lines, "metrics:").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == [1, 2]
+    assert lines[-1].startswith("metrics:")
+
+
+def test_elastic_train_without_parent(tmp_path):
+    out = tmp_path / "el"
+    one_line_error(em("elastic-train", *FAST, f"logging.out_dir={out}"), "config key 'checkpoint.load'",
+                   "elastic-megatron importance")
+    assert not out.exists()
+
+
+def test_slice(elastic, tmp_path):
+    ok(elastic[0])
+    cfg = elastic[1] / "config.yaml"
+    lines = ok(em("slice", "--config", str(cfg), f"checkpoint.load={elastic[1] / 'checkpoints'}",
+                  "--out", str(tmp_path / "family")))
+    assert len(lines) == 3  # one per budget of elastic.budgets: 1.0, 0.75, 0.5
+    params = []
+    for line, budget in zip(lines, ("1.0", "0.75", "0.5")):
+        m = re.fullmatch(rf"\s*{re.escape(budget)}\s+target\s+([\d,]+)\s+params\s+([\d,]+)\s+pattern (\S+)\s+-> (\S+)",
+                         line)
+        assert m, line
+        path = Path(m.group(4))
+        assert (path / "config.yaml").exists() and (path / "checkpoints" / "latest").exists()
+        assert json.loads((path / "subnet.json").read_text())["params"] == int(m.group(2).replace(",", ""))
+        params.append(int(m.group(2).replace(",", "")))
+    assert params[0] > params[1] > params[2]
+    assert len(json.loads((tmp_path / "family" / "slices.json").read_text())) == 3
+
+
+def test_slice_bad_budget(elastic, tmp_path):
+    ok(elastic[0])
+    out = tmp_path / "family"
+    one_line_error(em("slice", "--config", str(elastic[1] / "config.yaml"),
+                      f"checkpoint.load={elastic[1] / 'checkpoints'}", "--budget", "half", "--out", str(out)),
+                   "'half' is not a budget")
+    assert not out.exists()
+
+
+# ----------------------------------------------------------------------------- prepare-data
+
+def _jsonl(path: Path, n: int) -> Path:
+    from elastic_megatron.data.prepare import write_synthetic_jsonl
+
+    return Path(write_synthetic_jsonl(str(path), n, seed=5))
+
+
+def _hf_tokenizer_dir(path: Path, corpus: Path) -> Path:
+    """A small byte-level BPE tokenizer trained here on the corpus and saved in Hugging Face's format
+    (what a user passes as --tokenizer for a real parent; no hub access needed)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tk = Tokenizer(models.BPE(unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    texts = [json.loads(x)["text"] for x in corpus.read_text().splitlines()]
+    tk.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=300, special_tokens=["<pad>", "<s>", "</s>", "<unk>"]))
+    PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                            unk_token="<unk>").save_pretrained(str(path))
+    return path
+
+
+@pytest.mark.parametrize("tokenizer", ["char", "hf"])
+def test_prepare_data(tmp_path, tokenizer):
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    src = _jsonl(tmp_path / "docs.jsonl", 300)
+    spec = "char" if tokenizer == "char" else str(_hf_tokenizer_dir(tmp_path / "tok", src))
+    prefix = tmp_path / "data" / "docs"
+    lines = ok(em("prepare-data", "--input", str(src), "--output", str(prefix), "--tokenizer", spec))
+    m = re.fullmatch(r"wrote 300 documents, ([\d,]+) tokens \((\w+), vocab ([\d,]+)\) to (\S+) and (\S+)", lines[-1])
+    assert m, lines[-1]
+    assert (m.group(4), m.group(5)) == (f"{prefix}.bin", f"{prefix}.idx")
+    ds = IndexedDataset(str(prefix))
+    assert len(ds) == 300 and int(ds.sequence_lengths.sum()) == int(m.group(1).replace(",", ""))
+    assert sorted(p.name for p in prefix.parent.iterdir()) == ["docs.bin", "docs.idx"]  # no temporary left
+
+
+@pytest.mark.parametrize("content, words", [("", "no documents"), ("\n\n", "no documents"),
+                                            ('{"text": "ok"}\n{"text": 3}\n', "docs.jsonl:2")])
+def test_prepare_data_bad_input_leaves_nothing(tmp_path, content, words):
+    src = tmp_path / "docs.jsonl"
+    src.write_text(content)
+    prefix = tmp_path / "data" / "docs"
+    one_line_error(em("prepare-data", "--input", str(src), "--output", str(prefix)), words)
+    assert not prefix.parent.exists() or list(prefix.parent.iterdir()) == []
+
+
+def test_prepare_data_missing_tokenizer_dir(tmp_path):
+    src = _jsonl(tmp_path / "docs.jsonl", 3)
+    one_line_error(em("prepare-data", "--input", str(src), "--output", str(tmp_path / "out" / "d"),
+                      "--tokenizer", str(tmp_path / "no_tokenizer")), "no such directory")
+    assert not (tmp_path / "out").exists()
+
+
+# ----------------------------------------------------------------------------- demo
+
+TOY = ["train.steps=4", "curriculum.0.steps=2", "curriculum.1.steps=2", "curriculum.1.seq_length=192",
+       "curriculum.1.global_batch_size=4", "logging.progress=false", "logging.wandb_mode=disabled"]
+
+
+def test_demo_writes_a_nested_evaluated_family(tmp_path):
+    """The main job end to end at toy size: every stage runs and the report has what the README promises."""
+    from elastic_megatron.elastic.subnet import Subnet
+
+    out = tmp_path / "demo"
+    lines = ok(em("demo", "--out", str(out), "--short-problems", "4", "--long-problems", "2", *TOY))
+    assert lines[-1] == f"report: {out}/report.md, {out}/report.json, {out}/quality_vs_params.png"
+    for name in ("report.md", "report.json", "quality_vs_params.png"):
+        assert (out / name).stat().st_size > 0
+    saved = json.loads((out / "report.json").read_text())
+    assert saved["nested"] is True and [r["name"] for r in saved["budgets"]] == ["1.0", "0.75", "0.5"]
+    subnets = [Subnet.from_dict(r["architecture"]) for r in saved["budgets"]]
+    assert all(b.is_within(a) for a, b in zip(subnets, subnets[1:]))
+    params = [r["params"] for r in saved["budgets"]]
+    assert params[0] > params[1] >= params[2]
+    for r in saved["budgets"] + [saved["parent_before_elastic"]]:
+        assert r["heldout_loss"] > 0 and 0 <= r["accuracy_short"] <= 1 and 0 <= r["accuracy_long"] <= 1
+    assert saved["total_s"] > 0 and set(saved["timings_s"]) == {"parent_s", "parent_eval_s", "importance_s",
+                                                                "elastic_s", "slice_eval_s"}
+
+
+def test_demo_bad_override(tmp_path):
+    out = tmp_path / "demo"
+    one_line_error(em("demo", "--out", str(out), "train.stepz=4"), "config key 'train.stepz'")
+    assert not out.exists()
