@@ -150,6 +150,38 @@ def _rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
 
+def _exit_with_peers(code: int, timeout_s: float = 30.0) -> None:
+    """Under torchrun, end this failed rank only once every rank has failed too (or after `timeout_s`),
+    all at the same moment and with `code`: torchrun stops the remaining workers with SIGTERM as soon
+    as it sees one exit, so a rank that is merely slower would otherwise end by signal. Counted on
+    torchrun's own store (the agent's, reachable before any process group). Returns when not under
+    torchrun (or no store answers); otherwise does not return."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1 or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return
+    import signal
+    import time
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    # from here on torchrun's SIGTERM (sent when a peer is seen exiting first) ends us with `code` too
+    signal.signal(signal.SIGTERM, lambda *_: os._exit(code))
+    key = f"elastic_megatron/input_error/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+    try:
+        store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=False,
+                              timeout=timedelta(seconds=timeout_s))
+        store.add(key, 1)
+        deadline = time.monotonic() + timeout_s
+        while store.add(key, 0) < world and time.monotonic() < deadline:
+            time.sleep(0.01)
+    except Exception:  # no store to agree on: exit now
+        pass
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)  # at once: no interpreter teardown between the ranks' exits
+
+
 def main(argv: list[str] | None = None) -> int:
     from .data.prepare import DataFormatError
 
@@ -163,6 +195,7 @@ def main(argv: list[str] | None = None) -> int:
         # once and all of them exit 2 (torchrun then adds its own summary of the failed ranks).
         if _rank() == 0:
             print(f"elastic-megatron: error: {exc}", file=sys.stderr, flush=True)
+        _exit_with_peers(2)
         return 2
 
 

@@ -124,7 +124,11 @@ def _write_slices(single: RunConfig, parent, layout, vocab: int, named: dict, ou
     full = gather_full_state(parent, single, layout)  # the parent was re-laid for TP=1 when loaded
     rows = []
     for text, subnet in named.items():
-        small_cfg = replace(single, model=sliced_model_config(single.model, subnet))
+        # A standalone model: one budget (itself), and sorted (its FFN rows are the parent's best, in
+        # rank order, laid out for TP=1), so it can parent a family of its own.
+        small_cfg = replace(single, model=sliced_model_config(single.model, subnet),
+                            elastic=replace(single.elastic, budgets=["1.0"], subnets=[], sort_tensor_parallel=1),
+                            curriculum=[replace(st, budget_probs=[]) for st in single.curriculum])
         small = build_model(small_cfg, ParallelLayout.resolve(small_cfg, 1), vocab, torch.float32)
         load_full_state(small, slice_state(full, single.model, subnet), small_cfg, layout)
         params = count_parameters(small_cfg.model, vocab)

@@ -52,7 +52,9 @@ def sliced_model_config(m: ModelConfig, s: Subnet) -> ModelConfig:
 
 
 def ffn_kept(f: int, full: int, sort_tp: int) -> torch.Tensor:
-    """Kept FFN neurons: the union of per-shard prefixes of the TP layout the parent was sorted under."""
+    """Kept FFN neurons: the union of per-shard prefixes of full tensors laid out for TP `sort_tp`
+    (gathered from a TP=`sort_tp` model; elastic/sorting.py deals neurons out round-robin, so these
+    are the f best neurons whatever sort_tp is)."""
     shard, take = full // sort_tp, f // sort_tp
     return torch.cat([torch.arange(r * shard, r * shard + take) for r in range(sort_tp)])
 
@@ -137,5 +139,5 @@ def write_standalone(out_dir: str | Path, cfg: RunConfig, model, subnet: Subnet,
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(to_yaml(cfg))
         (out / "subnet.json").write_text(json.dumps({"subnet": subnet.to_dict(), **extra}, indent=2))
-    save_checkpoint(out / "checkpoints", 0, model, None, {"step": 0})
+    save_checkpoint(out / "checkpoints", 0, model, None, {"step": 0, "ffn_layout_tp": 1})
     return out

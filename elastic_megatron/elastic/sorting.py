@@ -41,7 +41,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
-from ..config import ModelConfig
+from ..config import ConfigError, ModelConfig
 from ..parallel import ParallelLayout
 from .importance import ImportanceScores, _stage_offset, _unwrap
 from .subnet import layer_slots
@@ -197,22 +197,22 @@ def sort_parent(model: torch.nn.Module, scores: ImportanceScores, m: ModelConfig
 
 
 @torch.no_grad()
-def relay_ffn(model: torch.nn.Module, m: ModelConfig, layout: ParallelLayout, from_tp: int) -> bool:
+def relay_ffn(model: torch.nn.Module, from_tp: int) -> bool:
     """Re-lay the FFN neurons of a sorted parent loaded from a checkpoint written under TP `from_tp`
     for this run's TP size (an exact permutation of each MLP's neurons: the function is unchanged
     and every subnet keeps the same neurons). Returns whether anything moved."""
     tp, rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
     if from_tp == tp:
         return False
-    n = m.ffn_hidden_size
-    if n % from_tp:
-        raise ValueError(f"the checkpoint's FFN layout (TP {from_tp}) does not divide ffn_hidden_size {n}")
-    src = _Global(ffn_relay_index(n, from_tp, tp)[rank * n // tp:(rank + 1) * n // tp])
     for name, p in _unwrap(model).named_parameters():
-        if name.endswith("mlp.linear_fc1.weight"):
-            _apply(p.data, 0, src, tp)
-        elif name.endswith("mlp.linear_fc2.weight"):
-            _apply(p.data, 1, src, tp)
+        dim = 0 if name.endswith("mlp.linear_fc1.weight") else 1 if name.endswith("mlp.linear_fc2.weight") else None
+        if dim is None:
+            continue
+        n = p.shape[dim] * tp  # this layer's width (per-layer in a sliced model)
+        if n % from_tp:
+            raise ConfigError(f"config key 'elastic.sort_tensor_parallel': the checkpoint's FFN layout (TP {from_tp}) "
+                              f"does not divide the {n} neurons of '{name}'; is this the right checkpoint?")
+        _apply(p.data, dim, _Global(ffn_relay_index(n, from_tp, tp)[rank * n // tp:(rank + 1) * n // tp]), tp)
     return True
 
 
@@ -222,7 +222,6 @@ def load_parent(path, model: torch.nn.Module, cfg, layout: ParallelLayout, optim
     written by this package does), else `elastic.sort_tensor_parallel`; 0 = not sorted, nothing to
     re-lay. Resuming (an optimizer given) needs the TP size the state was written under, because
     the optimizer's moments are not re-laid."""
-    from ..config import ConfigError
     from ..train.checkpoint import load_checkpoint
 
     loop = load_checkpoint(path, model, optimizer)
@@ -231,5 +230,5 @@ def load_parent(path, model: torch.nn.Module, cfg, layout: ParallelLayout, optim
         raise ConfigError(f"config key 'parallel.tensor': {path} was written under TP {from_tp} and its optimizer "
                           f"state is laid out for it; resume with parallel.tensor={from_tp}, or start a new run "
                           f"from it (checkpoint.load={path} in a fresh logging.out_dir)")
-    relay_ffn(model, cfg.model, layout, from_tp)
+    relay_ffn(model, from_tp)
     return loop

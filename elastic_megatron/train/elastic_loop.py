@@ -40,7 +40,7 @@ from ..elastic.sorting import load_parent
 from ..elastic.subnet import subnet_params
 from ..model.hybrid import build_model, padded_vocab_size
 from ..parallel import ParallelLayout, destroy_distributed, init_distributed
-from .checkpoint import latest_checkpoint, load_checkpoint, resolve_checkpoint, save_checkpoint
+from .checkpoint import latest_checkpoint, resolve_checkpoint, save_checkpoint
 from .loop import StepBatches, run_dtype, run_schedule
 from .metrics import MetricsLogger
 from .optim import build_optimizer, lr_at, set_lr, wrap_ddp
@@ -102,7 +102,10 @@ def _elastic_train(cfg: RunConfig, layout: ParallelLayout, layer_order) -> Elast
     ckpt_root = Path(cfg.checkpoint.dir or out_dir / "checkpoints")
     parent_ckpt = resolve_checkpoint(cfg.checkpoint.load) if cfg.checkpoint.load else ""
     if cfg.distill.teacher or parent_ckpt:
-        load_checkpoint(resolve_checkpoint(cfg.distill.teacher) if cfg.distill.teacher else parent_ckpt, teacher)
+        # laid out like the student (re-laying keeps the function): the same weights in the same
+        # order round the same, so KD at full size is exactly 0, as in one process (see below)
+        load_parent(resolve_checkpoint(cfg.distill.teacher) if cfg.distill.teacher else parent_ckpt, teacher, cfg,
+                    layout)
     # Frozen by running it under torch.no_grad() with no optimizer, *not* by requires_grad_(False):
     # ATen picks the GEMM for a 3-D input by the weight's requires_grad flag (matmul folds [s, b, k]
     # into one mm only for weights that require grad, whatever the grad mode), so a flagged-off

@@ -158,6 +158,8 @@ def test_elastic_train_without_parent(tmp_path):
 
 
 def test_slice(elastic, tmp_path):
+    from elastic_megatron.config import load_config
+
     ok(elastic[0])
     cfg = elastic[1] / "config.yaml"
     lines = ok(em("slice", "--config", str(cfg), f"checkpoint.load={elastic[1] / 'checkpoints'}",
@@ -169,7 +171,8 @@ def test_slice(elastic, tmp_path):
                          line)
         assert m, line
         path = Path(m.group(4))
-        assert (path / "config.yaml").exists() and (path / "checkpoints" / "latest").exists()
+        assert (path / "checkpoints" / "latest").exists()
+        assert load_config(str(path / "config.yaml")).model.hybrid_override_pattern == m.group(3)  # loadable
         assert json.loads((path / "subnet.json").read_text())["params"] == int(m.group(2).replace(",", ""))
         params.append(int(m.group(2).replace(",", "")))
     assert params[0] > params[1] > params[2]
