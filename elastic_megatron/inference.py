@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from .elastic.model import group_rms_norm, rms_norm
 from .model.hybrid import squared_relu
+from .model.weights import pre_norm_weight
 
 
 class CachedDecoder:
@@ -48,7 +49,7 @@ class CachedDecoder:
             elif kind == "*":
                 x = x + self._attention(i, layer, x)
             else:
-                h = rms_norm(x, layer.pre_mlp_layernorm.weight, self.eps)
+                h = rms_norm(x, pre_norm_weight(layer, "-"), self.eps)
                 x = x + F.linear(squared_relu(F.linear(h, layer.mlp.linear_fc1.weight)), layer.mlp.linear_fc2.weight)
         x = rms_norm(x, m.decoder.final_norm.weight, self.eps)
         return F.linear(x, m.output_layer.weight)  # [b, V]
@@ -57,7 +58,7 @@ class CachedDecoder:
         mx = layer.mixer
         H, p, G, N = mx.nheads_local_tp, mx.headdim, mx.ngroups_local_tp, mx.d_state
         d_in, b = H * p, x.shape[0]
-        zxbcdt = F.linear(rms_norm(x, layer.norm.weight, self.eps), mx.in_proj.weight)  # [b, 2d_in+2GN+H]
+        zxbcdt = F.linear(rms_norm(x, pre_norm_weight(layer, "M"), self.eps), mx.in_proj.weight)  # [b, 2d_in+2GN+H]
         z, xbc, dt = torch.split(zxbcdt, [d_in, d_in + 2 * G * N, H], dim=-1)
         if self.state[i] is None:
             w = mx.conv1d.weight.shape[-1]
@@ -83,7 +84,7 @@ class CachedDecoder:
         G = att.num_query_groups_per_partition
         hpg = att.num_attention_heads_per_partition // G
         b = x.shape[0]
-        qkv = F.linear(rms_norm(x, layer.input_layernorm.weight, self.eps), att.linear_qkv.weight)
+        qkv = F.linear(rms_norm(x, pre_norm_weight(layer, "*"), self.eps), att.linear_qkv.weight)
         qkv = qkv.view(b, G, hpg + 2, d)  # per group: [q_0 .. q_hpg-1, k, v]
         q, k, v = qkv[:, :, :hpg], qkv[:, :, hpg:hpg + 1], qkv[:, :, hpg + 1:]  # k, v [b, G, 1, d]
         if self.state[i] is not None:

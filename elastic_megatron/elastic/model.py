@@ -42,6 +42,7 @@ from megatron.core.tensor_parallel.mappings import (
 
 from ..config import RunConfig
 from ..model.hybrid import squared_relu, stage_layer_offset
+from ..model.weights import pre_norm_weight
 from ..parallel import ParallelLayout
 from .subnet import Subnet, layer_slots
 
@@ -369,16 +370,18 @@ class ElasticHybrid:
 
     # -- layers: each returns the layer's residual update [s, b, hk] -----------------------
 
-    def _norm(self, norm, x, masks):
+    def _norm(self, layer, kind: str, x, masks):
+        """The layer's pre-norm on the kept hidden channels (its weight wherever the spec keeps it)."""
         hk = x.shape[-1]
-        return rms_norm(x, _sub(norm.weight, hk), self.m.norm_epsilon, masks.hidden if masks else None)
+        w = pre_norm_weight(layer, kind)
+        return rms_norm(x, _sub(w, hk), self.m.norm_epsilon, masks.hidden if masks else None)
 
     def _mamba(self, layer, x, s: Subnet, k: int, masks: Optional[SoftMasks]):
         mixer, m = layer.mixer, self.m
         heads_l, groups_l, p, n = m.mamba_num_heads // self.tp, m.mamba_num_groups // self.tp, m.mamba_head_dim, \
             m.mamba_state_dim
         hk = x.shape[-1]
-        h = self._norm(layer.norm, x, masks)
+        h = self._norm(layer, "M", x, masks)
         h = copy_to_tensor_model_parallel_region(h)
         if masks is None:
             a, d = s.mamba_heads[k] // m.mamba_num_groups, s.mamba_head_dim[k]
@@ -415,7 +418,7 @@ class ElasticHybrid:
         groups_l, hpg, d = m.num_query_groups // self.tp, m.num_attention_heads // m.num_query_groups, m.kv_channels
         a = hpg if masks is not None else s.attn_heads[k] // m.num_query_groups
         hk = x.shape[-1]
-        h = copy_to_tensor_model_parallel_region(self._norm(layer.input_layernorm, x, masks))
+        h = copy_to_tensor_model_parallel_region(self._norm(layer, "*", x, masks))
         qkv_rows, proj_cols = _attn_runs(groups_l, hpg, d, a)
         qkv = _linear(h, att.linear_qkv.weight, rows=qkv_rows, cols=hk)  # [s, b, G*(a+2)*d]
         sq, b_ = qkv.shape[:2]
@@ -436,7 +439,7 @@ class ElasticHybrid:
     def _mlp(self, layer, x, s: Subnet, k: int, masks: Optional[SoftMasks]):
         mlp, hk = layer.mlp, x.shape[-1]
         f = None if masks is not None else s.ffn[k] // self.tp
-        h = copy_to_tensor_model_parallel_region(self._norm(layer.pre_mlp_layernorm, x, masks))
+        h = copy_to_tensor_model_parallel_region(self._norm(layer, "-", x, masks))
         inter = squared_relu(_linear(h, mlp.linear_fc1.weight, rows=f, cols=hk))
         if masks is not None:
             r, f_l = ps.get_tensor_model_parallel_rank(), mlp.linear_fc1.weight.shape[0]

@@ -23,6 +23,7 @@ from megatron.core import parallel_state as ps
 from ..config import ModelConfig, RunConfig, to_yaml
 from ..model import sharding
 from ..model.hybrid import global_name, stage_layer_offset
+from ..model.weights import is_pre_norm
 from ..parallel import ParallelLayout
 from .model import _attn_rows, _mamba_rows
 from .subnet import Subnet, layer_slots
@@ -67,7 +68,7 @@ def kept_indices(name: str, s: Subnet, m: ModelConfig, sort_tp: int) -> dict[int
         return {0: hk} if name.endswith("final_norm.weight") else {1: hk}
     kind, k = layer_slots(m.hybrid_override_pattern)[int(match.group(1))]
     rest = match.group(2)
-    if rest.endswith(("norm.weight", "layernorm.weight")) and not rest.startswith("mixer."):
+    if is_pre_norm(rest):
         return {0: hk}
     if kind == "M":
         g = m.mamba_num_groups

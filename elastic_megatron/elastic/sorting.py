@@ -42,6 +42,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
 from ..config import ConfigError, ModelConfig
+from ..model.weights import is_pre_norm
 from ..parallel import ParallelLayout
 from .importance import ImportanceScores, _stage_offset, _unwrap
 from .subnet import layer_slots
@@ -122,8 +123,7 @@ def _param_ops(name: str, shape: torch.Size, plan: SortPlan, m: ModelConfig, off
         raise KeyError(f"sorting: no rule for parameter '{name}'; add one to elastic/sorting.py")
     rest = mt.group(2)
     kind, k = layer_slots(m.hybrid_override_pattern)[offset + int(mt.group(1))]
-    if rest in ("norm.weight", "input_layernorm.weight", "pre_mlp_layernorm.weight") or \
-            rest.endswith(".layer_norm_weight"):  # TE fuses the pre-norm into the next linear
+    if is_pre_norm(rest):  # either spec (model/weights.py)
         return [(0, hid)]
     ar = torch.arange
     if kind == "M":

@@ -5,7 +5,9 @@ megatron-core builds MambaModel from a `ModuleSpec` tree that names the class of
 `local_stack_spec` is the same structure from megatron's own layers — separate RMSNorm modules,
 `ColumnParallelLinear` / `RowParallelLinear`, `DotProductAttention` — so it runs anywhere,
 including CPU. The two are numerically the same model; their parameter names differ only where
-TE fuses the pre-norm into the following linear (`layer_norm_weight`).
+TE fuses the pre-norm into the following linear (`layer_norm_weight`). The local spec writes its
+norms under TE's checkpoint keys (`sharded_state_dict_keys_map`, model/weights.py), so checkpoints
+move between the two.
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.torch_norm import WrappedTorchNorm
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 
+from .weights import CANONICAL_KEYS
+
 BACKENDS = ("local", "te")
 
 
@@ -47,6 +51,7 @@ def local_stack_spec() -> ModuleSpec:
                         ),
                     ),
                     mamba_bda=get_bias_dropout_add,
+                    sharded_state_dict_keys_map=CANONICAL_KEYS["M"],
                 ),
             ),
             attention_layer=ModuleSpec(
@@ -63,6 +68,7 @@ def local_stack_spec() -> ModuleSpec:
                         ),
                     ),
                     self_attn_bda=get_bias_dropout_add,
+                    sharded_state_dict_keys_map=CANONICAL_KEYS["*"],
                 ),
             ),
             mlp_layer=ModuleSpec(
@@ -76,6 +82,7 @@ def local_stack_spec() -> ModuleSpec:
                         ),
                     ),
                     mlp_bda=get_bias_dropout_add,
+                    sharded_state_dict_keys_map=CANONICAL_KEYS["-"],
                 ),
             ),
         ),
