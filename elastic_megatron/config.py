@@ -128,6 +128,10 @@ class TrainConfig:
     clip_grad: float = 1.0  # global grad-norm clip; 0 disables
     seed: int = 1234  # model init, data order and dropout all derive from it
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU), fp32, bf16
+    # Activation recomputation per layer (model/recompute.py): none keeps every activation; full
+    # keeps only each layer's input and recomputes the rest in the backward (~1 extra forward).
+    # Needed for long sequences: the paper's stage 2 (49K tokens) does not fit without it.
+    recompute: str = "none"
     eval_interval: int = 50  # steps between held-out evaluations; 0 disables
     eval_batches: int = 4  # micro-batches per held-out evaluation
     # Stop (after writing a checkpoint) once this global step is reached, without changing the LR
@@ -269,6 +273,7 @@ _CHOICES = {
     "data.source": ("synthetic", "indexed"),
     "model.backend": ("auto", "local", "te"),
     "train.precision": ("auto", "fp32", "bf16"),
+    "train.recompute": ("none", "full"),
     "parallel.backend": ("auto", "nccl", "gloo"),
     "logging.wandb_mode": ("offline", "online", "disabled"),
     "elastic.mode": ("hard", "soft"),

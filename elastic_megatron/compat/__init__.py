@@ -19,6 +19,13 @@ def cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
+def replay_context():
+    """Context for megatron module code re-run by activation recomputation (see cpu.replay_mode)."""
+    from . import cpu
+
+    return cpu.replay_mode()
+
+
 def install() -> None:
     """Apply the shims this machine needs. Safe to call many times."""
     global _INSTALLED

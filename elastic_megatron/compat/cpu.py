@@ -99,3 +99,10 @@ def install() -> None:
     _install_rng_tracker()
     _MODE = CudaToCpuMode()
     _MODE.__enter__()
+
+
+def replay_mode():
+    """The device-remap mode again, for megatron code that torch re-runs inside a backward
+    (activation recomputation), where the process-wide mode is not in effect; a no-op context
+    where the mode was never installed (CUDA)."""
+    return CudaToCpuMode() if _MODE is not None else contextlib.nullcontext()

@@ -38,14 +38,16 @@ CONV_WIDTH = 4  # Mamba-2 causal conv kernel width (as in subnet_params)
 
 
 @lru_cache(maxsize=None)
-def _type_index(pattern: str) -> dict[str, Tensor]:
-    return {c: torch.tensor([i for i, ch in enumerate(pattern) if ch == c], dtype=torch.long) for c in "M*-"}
+def _type_index(pattern: str, device: torch.device) -> dict[str, Tensor]:
+    """Layer positions of each type, made once per device (no host-to-device copy per call)."""
+    return {c: torch.tensor([i for i, ch in enumerate(pattern) if ch == c], dtype=torch.long, device=device)
+            for c in "M*-"}
 
 
 def _by_type(m: ModelConfig, keep_prob: Tensor) -> dict[str, Tensor]:
     """Per-layer keep probabilities split by layer type, each in within-type order."""
-    idx = _type_index(m.hybrid_override_pattern)
-    return {c: keep_prob.index_select(0, i.to(keep_prob.device)) for c, i in idx.items()}
+    idx = _type_index(m.hybrid_override_pattern, keep_prob.device)
+    return {c: keep_prob.index_select(0, i) for c, i in idx.items()}
 
 
 def _f64(x) -> Tensor:

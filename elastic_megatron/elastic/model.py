@@ -42,6 +42,7 @@ from megatron.core.tensor_parallel.mappings import (
 
 from ..config import RunConfig
 from ..model.hybrid import squared_relu, stage_layer_offset
+from ..model.recompute import layer_call
 from ..model.weights import pre_norm_weight
 from ..parallel import ParallelLayout
 from .subnet import Subnet, layer_slots
@@ -58,17 +59,26 @@ class SoftMasks:
     ffn: list[torch.Tensor]  # per MLP layer [ffn]
     keep: torch.Tensor  # [L] keep probability per layer
 
+    def to(self, dtype: torch.dtype) -> "SoftMasks":
+        """In the activations' dtype (bf16 training): an fp32 mask would promote every masked
+        activation to fp32. Differentiable, so the router still gets its gradient."""
+        c = lambda t: t.to(dtype)  # noqa: E731
+        return SoftMasks(c(self.hidden), [c(t) for t in self.mamba_heads], [c(t) for t in self.mamba_head_dim],
+                         [c(t) for t in self.attn_heads], [c(t) for t in self.ffn], c(self.keep))
+
 
 # ----------------------------------------------------------------------------- index helpers
 
 @lru_cache(maxsize=512)
-def _mamba_rows(heads_l: int, groups_l: int, p: int, n: int, a_per_group: int, d: int):
-    """Local in_proj rows, conv channels and head ids kept by (a heads per group, d channels per head)."""
+def _mamba_rows(heads_l: int, groups_l: int, p: int, n: int, a_per_group: int, d: int,
+                device: Optional[torch.device] = None):
+    """Local in_proj rows, conv channels and head ids kept by (a heads per group, d channels per head),
+    made once per device: the layer loop never copies an index from the host."""
     hpg = heads_l // groups_l
-    heads = torch.tensor([g * hpg + j for g in range(groups_l) for j in range(a_per_group)])
-    chans = (heads[:, None] * p + torch.arange(d)[None, :]).reshape(-1)  # kept channels of d_inner
+    heads = torch.tensor([g * hpg + j for g in range(groups_l) for j in range(a_per_group)], device=device)
+    chans = (heads[:, None] * p + torch.arange(d, device=device)[None, :]).reshape(-1)  # kept channels of d_inner
     d_in, bc = heads_l * p, groups_l * n
-    bc_rows = torch.arange(2 * bc)
+    bc_rows = torch.arange(2 * bc, device=device)
     rows = torch.cat([chans, d_in + chans, 2 * d_in + bc_rows, 2 * d_in + 2 * bc + heads])
     conv = torch.cat([chans, d_in + bc_rows])
     return rows, conv, heads, chans
@@ -144,10 +154,11 @@ class _SubWeight(torch.autograd.Function):
 
 
 def _sub(w: torch.Tensor, rows) -> torch.Tensor:
-    """The kept rows of a weight (a prefix length or an index tensor); `w` itself when all are kept."""
+    """The kept rows of a weight (a prefix length, or an index tensor of distinct ascending rows as
+    the helpers above make them); `w` itself when all are kept. Decided from sizes alone: comparing
+    the indices would be a host sync in every layer."""
     n = w.shape[0]
-    if (isinstance(rows, int) and rows == n) or (
-            isinstance(rows, torch.Tensor) and rows.numel() == n and bool((rows == torch.arange(n)).all())):
+    if (rows if isinstance(rows, int) else rows.numel()) == n:
         return w
     if not (w.requires_grad and torch.is_grad_enabled()):
         return _select_rows(w, rows)
@@ -291,9 +302,12 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, mask: Optional[t
     """RMSNorm over the last dim; with `mask`, over the kept channels only (k/d correction)."""
     if mask is None:
         return F.rms_norm(x, (x.shape[-1],), weight, eps)
-    k = mask.sum().clamp(min=1.0)
-    xm = x * mask
-    return xm * torch.rsqrt(xm.pow(2).sum(-1, keepdim=True) / k + eps) * weight * mask
+    # statistics in fp32 whatever the activations' dtype (as megatron's norms): a bf16 sum of
+    # thousands of mask entries would round the kept count k itself
+    xf, mf = x.float(), mask.float()
+    k = mf.sum().clamp(min=1.0)
+    xm = xf * mf
+    return (xm * torch.rsqrt(xm.pow(2).sum(-1, keepdim=True) / k + eps) * weight.float() * mf).to(x.dtype)
 
 
 def group_rms_norm(y: torch.Tensor, weight: torch.Tensor, groups: int, eps: float,
@@ -303,10 +317,11 @@ def group_rms_norm(y: torch.Tensor, weight: torch.Tensor, groups: int, eps: floa
     yg = y.reshape(*shape[:-1], groups, shape[-1] // groups)
     if mask is None:
         out = yg * torch.rsqrt(yg.pow(2).mean(-1, keepdim=True) + eps)
-    else:
-        mg = mask.reshape(groups, -1)
+    else:  # fp32 statistics, as rms_norm above
+        mg = mask.float().reshape(groups, -1)
         k = mg.sum(-1, keepdim=True).clamp(min=1.0)
-        out = yg * mg * torch.rsqrt((yg * mg).pow(2).sum(-1, keepdim=True) / k + eps)
+        ygf = yg.float()
+        out = (ygf * mg * torch.rsqrt((ygf * mg).pow(2).sum(-1, keepdim=True) / k + eps)).to(y.dtype)
     return out.reshape(shape) * weight
 
 
@@ -321,6 +336,7 @@ class ElasticHybrid:
         self.offset = stage_layer_offset(cfg, layout, ps.get_pipeline_model_parallel_rank())
         self.slots = layer_slots(cfg.model.hybrid_override_pattern)
         self.full = Subnet.full(cfg.model)
+        self.recompute = cfg.train.recompute
 
     def __call__(self, tokens, position_ids, labels=None, subnet: Optional[Subnet] = None,
                  gates: Optional[torch.Tensor] = None, masks: Optional[SoftMasks] = None,
@@ -334,26 +350,18 @@ class ElasticHybrid:
             x = model.embedding.word_embeddings(tokens).transpose(0, 1)  # [s, b, h]
         else:
             x = model.decoder.input_tensor  # [s, b, h] from the previous stage (padded, see below)
+        if soft:
+            masks = masks.to(x.dtype)
         x = x[..., :hk] if not soft else x * masks.hidden
         for i, layer in enumerate(model.decoder.layers):
             gi = self.offset + i
-            kind, k = self.slots[gi]
-            keep = masks.keep[gi] if soft else (1.0 if s.keep[gi] else 0.0)
             if not soft and not s.keep[gi]:
                 if collect is not None and gi in collect:
                     collect[gi] = x
                 continue  # a dropped layer is the identity
-            if kind == "M":
-                out = self._mamba(layer, x, s, k, masks)
-            elif kind == "*":
-                out = self._attention(layer, x, s, k, masks)
-            else:
-                out = self._mlp(layer, x, s, k, masks)
-            if soft:
-                out = out * masks.hidden * keep
-            if gates is not None:
-                out = out * gates[gi]
-            x = x + out
+            gate = gates[gi] if gates is not None else None
+            # train.recompute=full: only x is kept for the backward, the layer is recomputed there
+            x = x + layer_call(self.recompute, self._layer, layer, gi, x, s, masks, gate)
             if collect is not None and gi in collect:
                 collect[gi] = x
         if not model.post_process:
@@ -369,6 +377,15 @@ class ElasticHybrid:
         return loss.transpose(0, 1).contiguous()  # [b, s]
 
     # -- layers: each returns the layer's residual update [s, b, hk] -----------------------
+
+    def _layer(self, layer, gi: int, x, s: Subnet, masks: Optional[SoftMasks], gate):
+        """Layer gi's residual update, scaled by its soft keep probability and its gate."""
+        kind, k = self.slots[gi]
+        fn = {"M": self._mamba, "*": self._attention, "-": self._mlp}[kind]
+        out = fn(layer, x, s, k, masks)
+        if masks is not None:
+            out = out * masks.hidden * masks.keep[gi]
+        return out * gate if gate is not None else out
 
     def _norm(self, layer, kind: str, x, masks):
         """The layer's pre-norm on the kept hidden channels (its weight wherever the spec keeps it)."""
@@ -387,7 +404,7 @@ class ElasticHybrid:
             a, d = s.mamba_heads[k] // m.mamba_num_groups, s.mamba_head_dim[k]
         else:
             a, d = heads_l // groups_l, p  # full width, masked below
-        _, conv_idx, kept_heads, chans = _mamba_rows(heads_l, groups_l, p, n, a, d)
+        _, conv_idx, kept_heads, chans = _mamba_rows(heads_l, groups_l, p, n, a, d, x.device)
         row_runs, chan_runs = _mamba_runs(heads_l, groups_l, p, n, a, d)
         zxbcdt = _linear(h, mixer.in_proj.weight, rows=row_runs, cols=hk)  # [s, b, *]
         d_in = kept_heads.numel() * d

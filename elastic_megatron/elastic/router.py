@@ -115,10 +115,18 @@ class RouterSet(nn.Module):
                 a: AxisRouter(len(self.targets), rcfg.hidden_size, len(choices.of(a)),
                               self.count[a] if a in self.heterogeneous else 0) for a in self.axes})
         rank = {layer: r for r, layer in enumerate(self.layer_order)}
-        # keep_table[j, i] = 1 if depth choice j keeps layer i
-        self.keep_table = torch.tensor([[float(rank[i] < d) for i in range(len(p))] for d in choices.depth],
-                                       dtype=torch.float64)
-        self.values = {a: torch.tensor(choices.of(a), dtype=torch.float64) for a in self.axes}  # choice sizes
+        # Constant tables as (non-saved) buffers: they follow `router.to(device)`, so no step copies
+        # them from the host. keep_table[j, i] = 1 if depth choice j keeps layer i.
+        self.register_buffer("keep_table", torch.tensor([[float(rank[i] < d) for i in range(len(p))]
+                                                         for d in choices.depth], dtype=torch.float64), persistent=False)
+        for a in self.axes:  # choice sizes
+            self.register_buffer(f"values_{a}", torch.tensor(choices.of(a), dtype=torch.float64), persistent=False)
+        widths = {"hidden": (m.hidden_size, 1), "mamba_heads": (m.mamba_num_heads, m.mamba_num_groups),
+                  "mamba_head_dim": (m.mamba_head_dim, 1), "attn_heads": (m.num_attention_heads, m.num_query_groups),
+                  "ffn": (m.ffn_hidden_size, 1)}
+        for a, (width, groups) in widths.items():  # soft mode's prefix masks, one row per choice
+            if a in self.axes:
+                self.register_buffer(f"prefix_{a}", prefix_masks(width, choices.of(a), groups), persistent=False)
 
     # ------------------------------------------------------------------ schedules
     def schedule(self, step: int, total_steps: int) -> tuple[float, float]:
@@ -143,12 +151,15 @@ class RouterSet(nn.Module):
              hard: bool = True, micro: int = 0) -> RouterDecision:
         """`forward` from precomputed `logits(budget_idx)`: micro-batches of one budget can share one router pass."""
         scale, tau = self.schedule(step, total_steps)
+        # Drawn on the host by a private generator, so the same bits on every rank and device (CPU,
+        # CUDA): one small copy to the router's device per decision, outside the layer loop.
         gen = torch.Generator().manual_seed(noise_seed(seed, step, micro, budget_idx))
         sizes = [z.numel() for z in logits.values()]  # one draw, split over the axes in fixed order
-        noise = torch.rand(sum(sizes), generator=gen).clamp_min(1e-20).split(sizes)
+        dev = self.keep_table.device
+        noise = torch.rand(sum(sizes), generator=gen).clamp_min(1e-20).to(dev).split(sizes)
         probs = {}
         for (a, z), u in zip(logits.items(), noise):
-            gumbel = -torch.log(-torch.log(u.to(z.device).view_as(z)))
+            gumbel = -torch.log(-torch.log(u.view_as(z)))
             probs[a] = torch.softmax((z * scale + gumbel) / tau, dim=-1)
         return self.decide(probs, budget_idx, hard)
 
@@ -188,11 +199,11 @@ class RouterSet(nn.Module):
             if a == "depth":
                 continue
             if a not in probs:
-                out[a] = torch.zeros(0, dtype=torch.float64)
+                out[a] = torch.zeros(0, dtype=torch.float64, device=self.keep_table.device)
                 continue
-            e = probs[a].double() @ self.values[a].to(probs[a].device)
+            e = probs[a].double() @ getattr(self, f"values_{a}")
             out[a] = e if a == "hidden" else self.per_layer(a, e)
-        out["keep_prob"] = probs["depth"].double() @ self.keep_table.to(probs["depth"].device)
+        out["keep_prob"] = probs["depth"].double() @ self.keep_table
         return out
 
     def expected_cost(self, probs: dict[str, Tensor]) -> Tensor:
@@ -240,19 +251,15 @@ class RouterSet(nn.Module):
         hidden [H]; mamba_heads [nM, heads] (prefix inside every Mamba group, heads group-major);
         mamba_head_dim [nM, head_dim]; attn_heads [nA, heads] (prefix inside every KV group);
         ffn [nF, ffn]; depth [L] (keep probabilities)."""
-        m = self.m
-        spec = {"hidden": (m.hidden_size, 1), "mamba_heads": (m.mamba_num_heads, m.mamba_num_groups),
-                "mamba_head_dim": (m.mamba_head_dim, 1), "attn_heads": (m.num_attention_heads, m.num_query_groups),
-                "ffn": (m.ffn_hidden_size, 1)}
         out = {}
-        for a, (width, groups) in spec.items():
+        for a in ("hidden", "mamba_heads", "mamba_head_dim", "attn_heads", "ffn"):
             if a not in decision.probs:
                 continue
             q = decision.probs[a]
-            mask = q @ prefix_masks(width, self.choices.of(a), groups).to(q.device, q.dtype)
+            mask = q @ getattr(self, f"prefix_{a}").to(q.dtype)
             out[a] = mask if a == "hidden" else self.per_layer(a, mask)
         q = decision.probs["depth"]
-        out["depth"] = q @ self.keep_table.to(q.device, q.dtype)
+        out["depth"] = q @ self.keep_table.to(q.dtype)
         return out
 
 

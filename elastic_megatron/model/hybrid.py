@@ -28,6 +28,11 @@ def squared_relu(x: torch.Tensor) -> torch.Tensor:
     return torch.pow(F.relu(x), 2)
 
 
+def model_device(model: torch.nn.Module) -> torch.device:
+    """Where this rank's stage of the model lives (every parameter is on one device)."""
+    return next(model.parameters()).device
+
+
 def padded_vocab_size(m: ModelConfig, tokenizer_vocab: int, tp: int) -> int:
     """Vocab rounded up so that every TP shard of the embedding is equal (megatron's rule)."""
     if m.vocab_size:

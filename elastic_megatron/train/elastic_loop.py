@@ -38,7 +38,7 @@ from ..elastic.model import ElasticHybrid, SoftMasks
 from ..elastic.router import all_reduce_router_grads, build_router, router_optimizer
 from ..elastic.sorting import load_parent
 from ..elastic.subnet import subnet_params
-from ..model.hybrid import build_model, padded_vocab_size
+from ..model.hybrid import build_model, model_device, padded_vocab_size
 from ..parallel import ParallelLayout, destroy_distributed, init_distributed
 from .checkpoint import latest_checkpoint, resolve_checkpoint, save_checkpoint
 from .loop import StepBatches, run_dtype, run_schedule
@@ -95,7 +95,9 @@ def _elastic_train(cfg: RunConfig, layout: ParallelLayout, layer_order) -> Elast
     sched_cfg = replace(t, steps=total_steps)
     optimizer = build_optimizer(ddp, t, layout, dtype)
     # choices are validated for this run's TP: load_parent lays the sorted FFN out for it
-    router = build_router(cfg, vocab, layer_order=layer_order, tp=layout.tensor)
+    # on the model's device (its Adam state follows at the first step): router collectives then run
+    # on the backend's device (NCCL: CUDA tensors) and every loss term meets the model's tensors there
+    router = build_router(cfg, vocab, layer_order=layer_order, tp=layout.tensor).to(model_device(student))
     router_opt = router_optimizer(router, cfg.router)
 
     out_dir = Path(cfg.logging.out_dir)
@@ -163,9 +165,7 @@ def _elastic_train(cfg: RunConfig, layout: ParallelLayout, layer_order) -> Elast
                 with torch.set_grad_enabled(first <= gm < first + n_micro):
                     dec = router(b, step=step, total_steps=total_steps, seed=t.seed, hard=hard, micro=gm)
                 if b in fixed:  # the full model, or a hand-picked subnet: no router choice to make
-                    dec = replace(dec, subnet=fixed[b], layer_gates=torch.ones_like(dec.layer_gates),
-                                  budget_loss=dec.budget_loss * 0, fixed=True,
-                                  expected_cost=torch.tensor(float(fixed_cost[b]), dtype=torch.float64))
+                    dec = fixed_decision(dec, fixed[b], fixed_cost[b])
                 decisions.append(dec)
             mine = decisions[first:first + n_micro]
             fwd = partial(_forward_step, s_view, t_view, mine, router, cfg)
@@ -188,6 +188,14 @@ def _elastic_train(cfg: RunConfig, layout: ParallelLayout, layer_order) -> Elast
         stage_start = stage_end
     logger.close()
     return result
+
+
+def fixed_decision(dec, subnet, cost: int):
+    """`dec` made to run a fixed subnet (the full model or a hand-picked one): gates 1, no budget
+    loss, its exact cost; every tensor where the router's are."""
+    return replace(dec, subnet=subnet, layer_gates=torch.ones_like(dec.layer_gates), budget_loss=dec.budget_loss * 0,
+                   fixed=True, expected_cost=torch.full((), float(cost), dtype=torch.float64,
+                                                        device=dec.budget_loss.device))
 
 
 def _forward_step(s_view, t_view, decisions, router, cfg: RunConfig, data_iterator, model):

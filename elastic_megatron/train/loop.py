@@ -28,6 +28,7 @@ from ..config import RunConfig, to_yaml
 from ..data.build import build_datasets
 from ..data.tokenizer import load_tokenizer
 from ..model.hybrid import build_model, count_parameters, padded_vocab_size
+from ..model.recompute import recompute_megatron_layers
 from ..parallel import ParallelLayout, destroy_distributed, init_distributed
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .metrics import MetricsLogger
@@ -128,6 +129,7 @@ def _train(cfg: RunConfig, layout: ParallelLayout) -> TrainResult:
     train_ds, valid_ds = build_datasets(cfg, tokenizer, num_train=t.steps * t.global_batch_size)
 
     model = build_model(cfg, layout, vocab, dtype)
+    recompute_megatron_layers(model, cfg.train.recompute)
     ddp_model = wrap_ddp(model, layout)
     optimizer = build_optimizer(ddp_model, t, layout, dtype)
 
