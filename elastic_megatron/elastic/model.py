@@ -340,16 +340,18 @@ class ElasticHybrid:
 
     def __call__(self, tokens, position_ids, labels=None, subnet: Optional[Subnet] = None,
                  gates: Optional[torch.Tensor] = None, masks: Optional[SoftMasks] = None,
-                 collect: Optional[dict] = None):
+                 collect: Optional[dict] = None, hidden_in: Optional[torch.Tensor] = None):
         """`collect`: {global layer index: None}; filled with the residual stream after each of those
-        layers ([s, b, hk]; a dropped layer passes its input on), for intermediate-layer distillation."""
+        layers ([s, b, hk]; a dropped layer passes its input on), for intermediate-layer distillation.
+        `hidden_in`: this stage's input [s, b, h] on a later pipeline stage (default: the tensor
+        megatron's schedule set on the decoder)."""
         model, s = self.model, subnet or self.full
         soft = masks is not None
         hk = self.m.hidden_size if soft else s.hidden
         if model.pre_process:
             x = model.embedding.word_embeddings(tokens).transpose(0, 1)  # [s, b, h]
-        else:
-            x = model.decoder.input_tensor  # [s, b, h] from the previous stage (padded, see below)
+        else:  # [s, b, h] from the previous stage (padded, see below)
+            x = hidden_in if hidden_in is not None else model.decoder.input_tensor
         if soft:
             masks = masks.to(x.dtype)
         x = x[..., :hk] if not soft else x * masks.hidden

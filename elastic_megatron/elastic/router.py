@@ -283,9 +283,12 @@ def router_optimizer(router: nn.Module, rcfg: RouterConfig) -> torch.optim.Adam:
     return torch.optim.Adam(router.parameters(), lr=rcfg.lr)
 
 
-def all_reduce_router_grads(router: nn.Module, group=None) -> None:
-    """Average router gradients over the ranks of `group` (every rank holds a replica). A missing grad
-    counts as zeros, so every rank joins the same collective. No-op without torch.distributed."""
+def all_reduce_router_grads(router: nn.Module, group=None, replicas: Optional[int] = None) -> None:
+    """Sum router gradients over the ranks of `group` (every rank holds a replica) and divide by
+    `replicas` (default: the group's size, i.e. the mean). Under pipeline parallelism each stage holds
+    only its own layers' part of the gradient (and the last stage the budget loss's), so the parts
+    add up: pass replicas = DP x TP, the ranks that compute the same part. A missing grad counts as
+    zeros, so every rank joins the same collective. No-op without torch.distributed."""
     if not (dist.is_available() and dist.is_initialized()):
         return
     params = [p for p in router.parameters() if p.requires_grad]
@@ -294,7 +297,7 @@ def all_reduce_router_grads(router: nn.Module, group=None) -> None:
             p.grad = torch.zeros_like(p)
     flat = torch.cat([p.grad.reshape(-1) for p in params])
     dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
-    flat /= dist.get_world_size(group)
+    flat /= replicas or dist.get_world_size(group)
     offset = 0
     for p in params:
         n = p.numel()

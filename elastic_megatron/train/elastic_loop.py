@@ -68,9 +68,10 @@ class ElasticResult:
 def elastic_train(cfg: RunConfig, layer_order: list[int] | None = None) -> ElasticResult:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     layout = ParallelLayout.resolve(cfg, world)
-    if layout.pipeline > 1:
-        raise ConfigError("config key 'parallel.pipeline': elastic training with distillation supports PP=1 only "
-                          "(the frozen teacher is not pipelined yet); use tensor and data parallelism")
+    if layout.pipeline > 1 and cfg.distill.intermediate_layers:
+        raise ConfigError("config key 'distill.intermediate_layers': intermediate-layer distillation needs the "
+                          "whole model on one stage (parallel.pipeline=1); drop it or run without pipeline "
+                          "parallelism")
     if not cfg.checkpoint.load and not latest_checkpoint(Path(cfg.checkpoint.dir or Path(cfg.logging.out_dir) /
                                                              "checkpoints")):
         raise ConfigError("config key 'checkpoint.load': elastic training starts from a sorted parent; "
@@ -170,8 +171,11 @@ def _elastic_train(cfg: RunConfig, layout: ParallelLayout, layer_order) -> Elast
             mine = decisions[first:first + n_micro]
             fwd = partial(_forward_step, s_view, t_view, mine, router, cfg)
             data = StepBatches(train_ds, step - stage_start, n_micro, mbs, gbs, ps.get_data_parallel_rank())
-            outs = run_schedule(ddp, fwd, data, n_micro, cfg, seq, micro_batch_size=mbs)
-            all_reduce_router_grads(router)
+            # the p2p tensor between stages is the student's and the teacher's activations side by side
+            outs = run_schedule(ddp, fwd, data, n_micro, cfg, seq, micro_batch_size=mbs, p2p_width=2)
+            # stages hold different parts of the router gradient (their layers' gates): sum them,
+            # average over the DP x TP replicas of each part
+            all_reduce_router_grads(router, replicas=layout.data * layout.tensor)
             router_opt.step()
             ok, grad_norm, _ = optimizer.step()
             record = _reduce_metrics(outs, mine, decisions, names, cfg.model, vocab)
@@ -209,10 +213,17 @@ def _forward_step(s_view, t_view, decisions, router, cfg: RunConfig, data_iterat
                           attn_heads=list(sm["attn_heads"]), ffn=list(sm["ffn"]), keep=sm["depth"])
     layers = cfg.distill.intermediate_layers
     s_states, t_states = dict.fromkeys(layers), dict.fromkeys(layers)
+    s_in = t_in = None
+    if not s_view.model.pre_process:  # a later pipeline stage: [s, b, 2h] = student | teacher from the last
+        both = s_view.model.decoder.input_tensor
+        s_in, t_in = both.split(both.shape[-1] // 2, dim=-1)
     student = s_view(batch["tokens"], batch["position_ids"], None, subnet=dec.subnet, gates=dec.layer_gates,
-                     masks=masks, collect=s_states if layers else None)  # [b, s, V/tp]
+                     masks=masks, collect=s_states if layers else None, hidden_in=s_in)  # [b, s, V/tp] or [s, b, h]
     with torch.no_grad():
-        teacher = t_view(batch["tokens"], batch["position_ids"], None, collect=t_states if layers else None)
+        teacher = t_view(batch["tokens"], batch["position_ids"], None, collect=t_states if layers else None,
+                         hidden_in=t_in.detach() if t_in is not None else None)
+    if not s_view.model.post_process:  # send both on; megatron calls the loss on the last stage only
+        return torch.cat([student, teacher], dim=-1), None
     hidden = _intermediate_loss(s_states, t_states, masks, batch["loss_mask"]) if layers else None
     return student, partial(_loss, batch, teacher, dec, cfg, hidden)
 
@@ -249,17 +260,19 @@ def _loss(batch, teacher, dec, cfg: RunConfig, hidden, student):
 
 
 def _reduce_metrics(outs: list[dict], mine, decisions, names: list[str], m, vocab: int) -> dict:
-    """Per-budget means over the micro-batches of all DP ranks. `mine`: this rank's decisions (one per
-    entry of `outs`); `decisions`: those of the whole global batch (the same list on every rank), whose
+    """Per-budget means over the micro-batches of all DP ranks, on every rank. `mine`: this rank's
+    decisions (one per entry of `outs`, which only the last pipeline stage has); `decisions`: those of the whole global batch (the same list on every rank), whose
     first micro-batch of a budget gives that budget's logged subnet."""
     n = len(names)
     sums = torch.zeros(n, 7, dtype=torch.float64)  # total, kd, ce, router, expected cost, intermediate; count
-    for out, dec in zip(outs, mine, strict=True):
-        sums[dec.budget_idx, :6] += out["stats"].double().cpu()
-        sums[dec.budget_idx, 6] += 1
+    if ps.is_pipeline_last_stage():  # the losses exist there only; the other stages add zeros below
+        for out, dec in zip(outs, mine, strict=True):
+            sums[dec.budget_idx, :6] += out["stats"].double().cpu()
+            sums[dec.budget_idx, 6] += 1
     if torch.cuda.is_available():
         sums = sums.cuda()
     dist.all_reduce(sums, group=ps.get_data_parallel_group())
+    dist.all_reduce(sums, group=ps.get_pipeline_model_parallel_group())  # last stage -> every stage (rank 0 logs)
     sums = sums.cpu()
     record: dict = {}
     total = sums[:, 0].sum() / sums[:, 6].sum().clamp(min=1)

@@ -98,7 +98,13 @@ def reduce_step_loss(losses: list[dict], key: str = "lm loss") -> float:
 
 
 def run_schedule(model, forward_step, data_iter, n_micro: int, cfg: RunConfig, seq_length: int,
-                 forward_only: bool = False, micro_batch_size: int = 0) -> list[dict]:
+                 forward_only: bool = False, micro_batch_size: int = 0, p2p_width: int = 1) -> list[dict]:
+    """megatron's schedule for this layout. p2p_width: how many hidden-size activations travel between
+    pipeline stages side by side (2 in elastic training: the student's and the frozen teacher's)."""
+    extra = {}
+    if p2p_width != 1 and ps.get_pipeline_model_parallel_world_size() > 1:
+        widen = lambda shapes: [(*sh[:-1], sh[-1] * p2p_width) for sh in shapes]  # noqa: E731
+        extra["adjust_tensor_shapes_fn"] = lambda recv, send: (widen(recv), widen(send))
     return get_forward_backward_func()(
         forward_step_func=forward_step,
         data_iterator=data_iter,
@@ -107,6 +113,7 @@ def run_schedule(model, forward_step, data_iter, n_micro: int, cfg: RunConfig, s
         seq_length=seq_length,
         micro_batch_size=micro_batch_size or cfg.train.micro_batch_size,
         forward_only=forward_only,
+        **extra,
     )
 
 

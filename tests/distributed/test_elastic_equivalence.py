@@ -1,5 +1,6 @@
-"""Elastic training on two gloo ranks (DP=2, TP=2) reproduces the single-process run, and a sorted
-parent trains and slices the same whatever TP size it was sorted under.
+"""Elastic training under DP=2, TP=2, PP=2 (even and uneven) and TP2 x PP2 on gloo ranks reproduces
+the single-process run, and a sorted parent trains and slices the same whatever TP size it was
+sorted under.
 
 The pipeline as the README runs it: a short parent `train`, `importance` (scores + the sorted parent
 with its config), then `elastic-train` over two curriculum stages (2 + 2 steps; stage 1 has four
@@ -19,6 +20,9 @@ What each 2-process run is compared against:
 - tp2_sorted_tp2: a parent sorted under TP=2 (`importance` on 2 ranks) from the same scores, under
   TP=2. Beyond matching one process, it must give exactly the numbers of tp2: both runs hold the
   same weights in memory.
+- pp2, pp2_uneven (3 + 7 layers), tp2pp2: the student and the frozen teacher pipelined together
+  (each stage holds both; the p2p tensor is their activations side by side), the router's
+  gradient parts summed over the stages, the per-budget metrics gathered from the last stage.
 Then a parent sorted under TP=2 is sliced in one process (`slice`), and every slice's forward must
 equal the TP=1-loaded parent's under that subnet.
 
@@ -53,11 +57,14 @@ PARENT = [*FAST, "data.seq_length=32", "train.micro_batch_size=1", "train.global
 ELASTIC = [*FAST, "curriculum.0.steps=2",  # stage 1: seq 32, 4 micro-batches of 1 (2 per DP rank)
            "curriculum.1.steps=2", "curriculum.1.seq_length=48", "curriculum.1.global_batch_size=4",
            "curriculum.1.micro_batch_size=2", "curriculum.1.min_steps=2", "curriculum.1.max_steps=4"]
-# layout -> (the TP size its parent was sorted under, overrides of the 2-process run)
+# layout -> (the TP size its parent was sorted under, overrides of the parallel run, its processes)
 LAYOUTS = {
-    "dp2": (1, ["parallel.data=2"]),
-    "tp2": (1, ["parallel.tensor=2"]),
-    "tp2_sorted_tp2": (2, ["parallel.tensor=2"]),
+    "dp2": (1, ["parallel.data=2"], 2),
+    "tp2": (1, ["parallel.tensor=2"], 2),
+    "tp2_sorted_tp2": (2, ["parallel.tensor=2"], 2),
+    "pp2": (1, ["parallel.pipeline=2"], 2),
+    "pp2_uneven": (1, ["parallel.pipeline=2", "parallel.layers_in_first_stage=3"], 2),
+    "tp2pp2": (1, ["parallel.tensor=2", "parallel.pipeline=2"], 4),
 }
 TOL = 1e-5
 SKIP = {"time", "tokens_per_s"}  # wall clock
@@ -100,9 +107,9 @@ def two_process(parents, tmp_path_factory):
     """layout -> the output dir of its 2-process run (run once per module, on first use)."""
     def get(layout: str) -> Path:
         if layout not in _RUNS:
-            sort_tp, extra = LAYOUTS[layout]
+            sort_tp, extra, nproc = LAYOUTS[layout]
             out = tmp_path_factory.mktemp(f"elastic_{layout}")
-            run_cli(["elastic-train", *parents[sort_tp], *ELASTIC, *extra, f"logging.out_dir={out}"], nproc=2)
+            run_cli(["elastic-train", *parents[sort_tp], *ELASTIC, *extra, f"logging.out_dir={out}"], nproc=nproc)
             _RUNS[layout] = out
         return _RUNS[layout]
     return get
@@ -167,7 +174,7 @@ def deployed(args: list[str], router_state: dict) -> list[dict]:
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_two_process_elastic_run_matches_single_process(parents, reference, two_process, layout):
-    sort_tp, _ = LAYOUTS[layout]
+    sort_tp = LAYOUTS[layout][0]
     out = two_process(layout)
     ref, got = records(reference), records(out)
     # the comparison means something: steps mix budgets and several different subnets run, FFN cut too
@@ -179,7 +186,8 @@ def test_two_process_elastic_run_matches_single_process(parents, reference, two_
 
     (loop_ref, w_ref), (loop, w) = final_state(reference), final_state(out)
     assert loop["step"] == loop_ref["step"] == 4 and loop["adam_step"] == loop_ref["adam_step"]
-    assert loop["ffn_layout_tp"] == (2 if layout.startswith("tp2") else 1) and loop_ref["ffn_layout_tp"] == 1
+    assert loop["ffn_layout_tp"] == (2 if "parallel.tensor=2" in LAYOUTS[layout][1] else 1)
+    assert loop_ref["ffn_layout_tp"] == 1
     steps, cfg_args = loop["step"], parents[sort_tp]
     router_diff = weights_diff(loop["router"], loop_ref["router"], 1e-2 * steps, "router")  # router.lr 1e-2
     opt, opt_ref = loop["router_opt"]["state"], loop_ref["router_opt"]["state"]

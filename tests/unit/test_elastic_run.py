@@ -77,3 +77,14 @@ def test_intermediate_layer_distillation(sorted_parent, tmp_path):
     assert small and all(h > 1e-6 for h, *_ in small)
     for h, total, kd, router in small:
         assert abs(total - (kd + router + 0.5 * h)) <= 1e-5 * max(1.0, abs(total))
+
+
+def test_intermediate_distillation_under_pipeline_parallelism_is_refused(sorted_parent, monkeypatch):
+    """Residual streams of chosen layers live on different stages under PP: one clear line instead."""
+    from elastic_megatron.config import ConfigError, load_config
+    from elastic_megatron.train.elastic_loop import elastic_train
+
+    monkeypatch.setenv("WORLD_SIZE", "2")  # checked before any process group is made
+    cfg = load_config(sorted_parent[1], [sorted_parent[2], "parallel.pipeline=2", "distill.intermediate_layers=[3]"])
+    with pytest.raises(ConfigError, match="distill.intermediate_layers.*parallel.pipeline=1"):
+        elastic_train(cfg)
