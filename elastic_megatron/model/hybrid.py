@@ -110,7 +110,11 @@ def build_model(cfg: RunConfig, layout: ParallelLayout, vocab_size: int, dtype: 
     if torch.cuda.is_available():
         model.cuda(torch.cuda.current_device())
     init_weights(model, cfg, layout, pp_rank)
-    return model
+    # megatron's mixer creates A_log, D and dt_bias in fp32 whatever params_dtype is; a bf16 model
+    # with a few fp32 parameters breaks megatron's optimizers' checkpoint code (their fp32 main
+    # params no longer line up with the parameters), so every parameter takes the run's dtype, as
+    # Megatron-LM's Float16Module does. The optimizer keeps fp32 main copies of all of them.
+    return model.to(dtype)
 
 
 def _rebuild_heterogeneous_layers(model: MambaModel, cfg: RunConfig, layout: ParallelLayout, pp_rank: int) -> None:

@@ -125,6 +125,8 @@ def _elastic_train(cfg: RunConfig, layout: ParallelLayout, layer_order) -> Elast
         router_opt.load_state_dict(loop["router_opt"])
     else:
         load_parent(parent_ckpt, student, cfg, layout)
+        # bf16: the optimizer's fp32 main params were copied from the random init when it was built
+        optimizer.reload_model_params()
     if rank0:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "config.yaml").write_text(to_yaml(cfg))

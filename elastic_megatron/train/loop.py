@@ -148,6 +148,7 @@ def _train(cfg: RunConfig, layout: ParallelLayout) -> TrainResult:
         start_step = int(load_checkpoint(resume_from, model, optimizer).get("step", 0))
     elif cfg.checkpoint.load:
         load_checkpoint(cfg.checkpoint.load, model)
+        optimizer.reload_model_params()  # bf16: the fp32 main params were copied from the init
     if rank0:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "config.yaml").write_text(to_yaml(cfg))

@@ -88,3 +88,25 @@ def test_intermediate_distillation_under_pipeline_parallelism_is_refused(sorted_
     cfg = load_config(sorted_parent[1], [sorted_parent[2], "parallel.pipeline=2", "distill.intermediate_layers=[3]"])
     with pytest.raises(ConfigError, match="distill.intermediate_layers.*parallel.pipeline=1"):
         elastic_train(cfg)
+
+
+def test_bf16_elastic_run_tracks_fp32(sorted_parent, tmp_path):
+    """bf16 (the GPU default) on CPU: the same budgets and subnets, per-budget CE within 1% and the
+    total loss within 2% of the fp32 run over 3 steps (measured: CE 3e-4, total 0.3%). Before the
+    model was cast whole to bf16 (megatron keeps A_log, D, dt_bias fp32) no bf16 checkpoint could
+    be written, and the fp32 main params still held the random init after loading the parent."""
+    stages = "curriculum=[{name: s, steps: 3}]"
+    out = {}
+    for precision in ("fp32", "bf16"):
+        run_cli(["elastic-train", *sorted_parent, *FAST, stages, f"train.precision={precision}",
+                 f"logging.out_dir={tmp_path / precision}"])
+        out[precision] = [json.loads(x) for x in (tmp_path / precision / "metrics.jsonl").read_text().splitlines()]
+    for a, b in zip(out["fp32"], out["bf16"], strict=True):
+        assert a["budgets_seen"] == b["budgets_seen"]
+        assert abs(a["loss"] - b["loss"]) <= 2e-2 * a["loss"], (a["step"], a["loss"], b["loss"])
+        for k in a:
+            if k.endswith("/ce"):
+                assert abs(a[k] - b[k]) <= 1e-2 * a[k], (a["step"], k, a[k], b[k])
+            if k.endswith("/subnet"):
+                assert a[k] == b[k], (a["step"], k)
+    assert (tmp_path / "bf16" / "checkpoints" / "latest").exists()
