@@ -27,8 +27,12 @@ says "noisy": true.
 A second pass (unless --no-ddp) times the same variants the way the training loops run them: the
 model wrapped in megatron's DDP (train/optim.py `wrap_ddp`), so gradients go to persistent fp32
 `main_grad` buffers, zeroed by `zero_grad_buffer()` before each step (outside the timed region,
-reported separately). Its ratios are the `ddp_*` keys (`tiny_ddp_*`), details under "ddp"; the
-headline keys above are the bare-model pass and are unchanged by it.
+reported separately). Its ratios are the `ddp_*` keys (`tiny_ddp_*`), details under "ddp".
+
+Headline keys (issue 9): the medium model's DDP pass -- `ratio_50_vs_100`, `ratio_75_vs_100`,
+`ratio_elastic_vs_plain` and `ratio_50_vs_sliced_50`, the elastic 50% step over the step of a
+standalone model built at the 50% widths (`sliced_50`, megatron's own forward; goal <= 1.05). The
+bare pass is kept as the secondary `bare_ratio_*` keys.
 """
 
 from __future__ import annotations
@@ -194,7 +198,7 @@ def bench_ddp(name: str, model, sliced, layout, elastic, subnets: dict, batch, r
 
 
 def bench_model(name: str, overrides: list[str], rounds: int, warmup: int, quick: bool,
-                breakdown: bool = False, ddp: bool = True) -> dict:
+                breakdown: bool = False, ddp: bool = True, reference: bool = False) -> dict:
     t_build = time.perf_counter()
     cfg = load_config(None, overrides)
     layout = ParallelLayout.resolve(cfg, 1)
@@ -224,7 +228,7 @@ def bench_model(name: str, overrides: list[str], rounds: int, warmup: int, quick
 
     variants = list(VARIANTS)
     sliced = None
-    if breakdown:
+    if breakdown or reference:
         # Reference: the standalone 50% model (megatron's own forward on a model built at the sliced
         # widths), i.e. what a 50% step costs without elastic execution. Random weights: timing only.
         small_cfg = replace(cfg, model=sliced_model_config(m, subnets["elastic_50"]))
@@ -313,15 +317,27 @@ def main(argv=None) -> dict:
         if not args.breakdown:
             res["tiny"] = bench_model("tiny", [], rounds["tiny"], args.warmup, args.quick, ddp=args.ddp)
         res["medium"] = bench_model("medium", MEDIUM, rounds["medium"], args.warmup, args.quick, args.breakdown,
-                                    ddp=args.ddp)
+                                    ddp=args.ddp, reference=True)
     finally:
         destroy_distributed()
     md = res["medium"]
     r3 = lambda x: round(x, 3)  # noqa: E731
+    # Headline: the medium model's step as training runs it (megatron DDP, main_grad buffers), and
+    # the elastic 50% step against a model *built* at the 50% widths (the floor elastic execution
+    # can reach). Without the DDP pass (--no-ddp) the bare pass stands in and "headline_pass" says so.
+    head = md["ddp"] if md["ddp"] is not None else md
+    hm = head["median_ms"]
     out = {
-        "ratio_50_vs_100": r3(md["ratio_50_vs_100"]),
-        "ratio_75_vs_100": r3(md["ratio_75_vs_100"]),
-        "ratio_elastic_vs_plain": r3(md["ratio_elastic_vs_plain"]),
+        "ratio_50_vs_100": r3(hm["elastic_50"] / hm["elastic_100"]),
+        "ratio_75_vs_100": r3(hm["elastic_75"] / hm["elastic_100"]),
+        "ratio_elastic_vs_plain": r3(hm["elastic_100"] / hm["plain"]),
+        "ratio_50_vs_sliced_50": r3(hm["elastic_50"] / hm["sliced_50"]),
+        "headline_pass": "ddp" if md["ddp"] is not None else "bare",
+        # the bare pass (model unwrapped, .grad set to None each step): secondary
+        "bare_ratio_50_vs_100": r3(md["ratio_50_vs_100"]),
+        "bare_ratio_75_vs_100": r3(md["ratio_75_vs_100"]),
+        "bare_ratio_elastic_vs_plain": r3(md["ratio_elastic_vs_plain"]),
+        "bare_ratio_50_vs_sliced_50": r3(md["median_ms"]["elastic_50"] / md["median_ms"]["sliced_50"]),
     }
     if "tiny" in res:
         out.update({f"tiny_{k}": r3(res["tiny"][k]) for k in ("ratio_50_vs_100", "ratio_75_vs_100",
@@ -347,8 +363,9 @@ def main(argv=None) -> dict:
         "rounds": rounds,
         "threads": torch.get_num_threads(),
         "quick": bool(args.quick),
-        "targets_met": {"ratio_50_vs_100<=0.60": md["ratio_50_vs_100"] <= 0.60,
-                        "ratio_elastic_vs_plain<=1.05": md["ratio_elastic_vs_plain"] <= 1.05},
+        "targets_met": {"ratio_50_vs_100<=0.60": out["ratio_50_vs_100"] <= 0.60,
+                        "ratio_elastic_vs_plain<=1.05": out["ratio_elastic_vs_plain"] <= 1.05,
+                        "ratio_50_vs_sliced_50<=1.05": out["ratio_50_vs_sliced_50"] <= 1.05},
         "wall_s": round(time.perf_counter() - t0, 1),
     })
     if args.breakdown:

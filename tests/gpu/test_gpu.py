@@ -39,3 +39,24 @@ def test_tiny_parent_trains_on_gpu_like_on_cpu(tmp_path, backend):
             env={"CUDA_VISIBLE_DEVICES": ""})
     gpu, cpu = read_metrics(tmp_path / "gpu"), read_metrics(tmp_path / "cpu")
     assert max(abs(a - b) for a, b in zip(gpu, cpu)) < 5e-3, (gpu, cpu)
+
+
+@pytest.mark.parametrize("backend", ["local", "te"])
+def test_elastic_training_on_gpu_tracks_cpu(tmp_path, backend):
+    """The elastic path on CUDA (router, masks, KD, recomputation on the GPU, bf16 with fp32 main
+    grads) against the same run in fp32 on the CPU: the same budgets drawn, losses within 2%."""
+    if backend == "te":
+        pytest.importorskip("transformer_engine.pytorch")
+    from tests.conftest import make_sorted_parent
+
+    parent = make_sorted_parent(tmp_path / "parent", [*FAST, "data.seq_length=32", "train.micro_batch_size=2",
+                                                      "train.global_batch_size=4"])
+    args = ["elastic-train", *parent, *FAST, "curriculum=[{name: s, steps: 3}]", "train.recompute=full"]
+    run_cli([*args, f"model.backend={backend}", "train.precision=bf16", f"logging.out_dir={tmp_path / 'gpu'}"])
+    run_cli([*args, "model.backend=local", "train.precision=fp32", f"logging.out_dir={tmp_path / 'cpu'}"],
+            env={"CUDA_VISIBLE_DEVICES": ""})
+    gpu, cpu = read_metrics(tmp_path / "gpu"), read_metrics(tmp_path / "cpu")
+    assert len(gpu) == len(cpu) == 3
+    assert all(abs(a - b) <= 2e-2 * max(abs(b), 1e-3) for a, b in zip(gpu, cpu)), (gpu, cpu)
+    seen = lambda d: read_metrics(d, "budgets_seen")  # noqa: E731
+    assert seen(tmp_path / "gpu") == seen(tmp_path / "cpu")
