@@ -85,6 +85,30 @@ def cmd_elastic(args) -> int:
     return 0
 
 
+def cmd_plan(args) -> int:
+    cfg = load_config(args.config, args.overrides)
+    from .data.tokenizer import load_tokenizer
+    from .model.hybrid import padded_vocab_size
+    from .plan import format_plan, parse_bytes, plan_both_recompute
+
+    if args.nodes < 1 or args.gpus_per_node < 1:
+        raise ConfigError("--nodes and --gpus-per-node must be >= 1")
+    mem, overhead = parse_bytes(args.gpu_memory), parse_bytes(args.overhead)
+    vocab = padded_vocab_size(cfg.model, load_tokenizer(cfg.data.tokenizer).vocab_size, 8)
+    rows = plan_both_recompute(cfg, vocab, mem, args.nodes, args.gpus_per_node, overhead)
+    print(format_plan(rows, mem))
+    layouts = {(r["tp"], r["pp"], r["dp"], r["distributed_optimizer"], r["recompute"]) for r in rows}
+    every = sorted(k for k in layouts if all(r["fits"] for r in rows if (r["tp"], r["pp"], r["dp"],
+                                                                        r["distributed_optimizer"], r["recompute"]) == k))
+    if every:
+        tp, pp, dp, do, rc = min(every, key=lambda k: (k[0] * k[1], not k[3], k[4] != "none"))
+        print(f"fits every phase: {len(every)} of {len(layouts)} layouts; e.g. TP {tp} x PP {pp} x DP {dp}, "
+              f"distributed optimizer {'on' if do else 'off'}, recompute {rc}")
+    else:
+        print(f"no layout fits every phase in {mem / 2**30:.0f} GiB per GPU on {args.nodes} x {args.gpus_per_node} GPUs")
+    return 0
+
+
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
@@ -110,6 +134,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("importance", help="score channels/heads/layers of a parent and write it sorted")
     _add_config_args(p)
     p.set_defaults(func=cmd_importance)
+    p = sub.add_parser("plan", help="per-GPU memory of parent training and each elastic stage, per layout")
+    _add_config_args(p)
+    p.add_argument("--gpu-memory", default="80GB", help="memory of one GPU, e.g. 80GB or 141GB")
+    p.add_argument("--nodes", type=int, default=1, help="nodes")
+    p.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per node (TP stays inside a node)")
+    p.add_argument("--overhead", default="3GB", help="CUDA context, NCCL and allocator allowance per GPU")
+    p.set_defaults(func=cmd_plan)
     p = sub.add_parser("demo", help="the main job: parent -> importance -> elastic training -> 3 sliced models")
     p.add_argument("--out", default="demo_out", help="output directory (a trained parent there is reused)")
     p.add_argument("--short-problems", type=int, default=64, help="held-out short problems per evaluation")

@@ -276,3 +276,38 @@ def test_demo_bad_override(tmp_path):
     out = tmp_path / "demo"
     one_line_error(em("demo", "--out", str(out), "train.stepz=4"), "config key 'train.stepz'")
     assert not out.exists()
+
+
+# ----------------------------------------------------------------------------- plan
+
+def test_plan_for_the_12b_preset():
+    lines = ok(em("plan", "--config", "nemotron_nano_12b_v2", "--gpu-memory", "80GB", "--nodes", "8"))
+    assert lines[0].startswith("per-rank memory in GiB (GPU memory 80 GiB")
+    long_tp8 = [x.split() for x in lines[2:-1] if x.split()[:4] == ["8", "1", "8", "elastic"] and "49152" in x]
+    # stage 2 (49,152 tokens) at TP 8: does not fit without recomputation, fits with it + the distributed optimizer
+    fits = {(r[6], r[7]): r[-1] for r in long_tp8}  # ("elastic", "long") is two words
+    assert fits[("yes", "none")] == "NO" and fits[("yes", "full")] == "yes", long_tp8
+    assert lines[-1].startswith("fits every phase:")
+
+
+def test_plan_bad_memory():
+    one_line_error(em("plan", "--config", "nemotron_nano_12b_v2", "--gpu-memory", "lots"), "--gpu-memory 'lots'")
+
+
+def test_planner_model_state_terms_are_exact():
+    from elastic_megatron.model.hybrid import count_parameters
+    from elastic_megatron.plan import Phase, rank_memory
+
+    cfg = load_config_for("nemotron_nano_12b_v2")
+    ph = Phase("p", 8192, 1, 1536, False)
+    one = rank_memory(cfg, 131072, 1, 1, 1, ph, "none", False, 2)
+    assert one["weights"] == 2 * count_parameters(cfg.model, 131072)  # bf16, one rank holds everything
+    assert one["optimizer"] == 12 * count_parameters(cfg.model, 131072)
+    sharded = rank_memory(cfg, 131072, 8, 1, 8, ph, "none", True, 2)
+    assert sharded["optimizer"] == sharded["main_grads"] * 3 / 8  # 12 B/param over DP 8 vs 4 B/param
+
+
+def load_config_for(preset: str):
+    from elastic_megatron.config import load_config
+
+    return load_config(preset, [])

@@ -1,0 +1,125 @@
+"""The memory planner (elastic_megatron/plan.py) against tensors measured on this CPU.
+
+    python benchmarks/plan_check.py
+
+For the tiny parent and the medium one of benchmarks/elastic_cost.py, in bf16 as on a GPU, one
+process builds what elastic training holds (student in megatron DDP with its fp32 main-grad
+buffers, megatron's optimizer, the frozen teacher), then runs
+one elastic micro-batch through the training loop's own forward and loss (`_forward_step`, full
+size), backward and one optimizer step, with a saved-tensors hook during the forward that adds up every distinct storage autograd keeps for the
+backward. Measured = model-state tensors (parameters, main grads, optimizer state, teacher) +
+those saved activations, i.e. the tensor bytes live at the forward/backward turn, the step's
+peak; it leaves out allocator slack and the runtime, which the planner's `--overhead` covers.
+Side by side with the planner's terms, with recompute none and full. One JSON line.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from elastic_cost import MEDIUM  # noqa: E402
+
+from elastic_megatron.config import load_config  # noqa: E402
+
+VOCAB = 64
+CASES = {"tiny": ([], 2, 256), "medium": ([*MEDIUM, "elastic.mamba_heads=[1.0,0.5]", "elastic.attn_heads=[1.0]"], 1, 1024)}  # overrides, mbs, seq
+
+
+def storage_bytes(tensors) -> int:
+    seen, total = set(), 0
+    for t in tensors:
+        st = t.untyped_storage()
+        if st.data_ptr() not in seen:
+            seen.add(st.data_ptr())
+            total += st.nbytes()
+    return total
+
+
+def measure(name: str, recompute: str) -> dict:
+    from elastic_megatron.elastic.model import ElasticHybrid
+    from elastic_megatron.elastic.router import build_router
+    from elastic_megatron.model.hybrid import build_model
+    from elastic_megatron.parallel import ParallelLayout, init_distributed
+    from elastic_megatron.plan import Phase, rank_memory
+    from elastic_megatron.train.elastic_loop import _forward_step
+    from elastic_megatron.train.optim import build_optimizer, wrap_ddp
+
+    overrides, mbs, seq = CASES[name]
+    cfg = load_config(None, [*overrides, "train.precision=bf16", f"train.recompute={recompute}",
+                             f"train.micro_batch_size={mbs}", f"train.global_batch_size={mbs}",
+                             f"model.max_sequence_length={max(seq, 4096)}"])
+    layout = ParallelLayout.resolve(cfg, 1)
+    init_distributed(layout, cfg.train.seed)
+    student = build_model(cfg, layout, VOCAB, torch.bfloat16)
+    teacher = build_model(cfg, layout, VOCAB, torch.bfloat16).eval()
+    ddp = wrap_ddp(student, layout)
+    opt = build_optimizer(ddp, cfg.train, layout, torch.bfloat16)
+    measured = {"weights": storage_bytes(student.parameters()),
+                "main_grads": storage_bytes([b.grad_data for b in ddp.buffers]),
+                "teacher": storage_bytes(teacher.parameters())}
+    router = build_router(cfg, VOCAB)
+    g = torch.Generator().manual_seed(0)
+    batch = {"tokens": torch.randint(0, VOCAB, (mbs, seq), generator=g),
+             "labels": torch.randint(0, VOCAB, (mbs, seq), generator=g),
+             "loss_mask": torch.ones(mbs, seq), "position_ids": torch.arange(seq).expand(mbs, seq)}
+    dec = router(0, step=0, total_steps=2, seed=1)
+    saved = []
+    params = {p.untyped_storage().data_ptr() for p in list(student.parameters()) + list(router.parameters())}
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in params:
+            saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out, loss_fn = _forward_step(ElasticHybrid(student, cfg, layout), ElasticHybrid(teacher, cfg, layout), [dec],
+                                     router, cfg, iter([batch]), None)
+        total, _ = loss_fn(out)
+    measured["activations_and_logits"] = storage_bytes(saved)
+    total.backward()
+    opt.step()  # creates Adam's state: then the optimizer's tensors are all there
+    opt_tensors = []
+    for o in getattr(opt, "chained_optimizers", [opt]):
+        for st in o.optimizer.state.values():
+            opt_tensors += [t for t in st.values() if torch.is_tensor(t) and t.dim() > 0]
+        for group in getattr(o, "fp32_from_float16_groups", []):
+            opt_tensors += group
+    measured["optimizer"] = storage_bytes(opt_tensors)
+    ph = Phase("elastic", seq, mbs, mbs, True)
+    planned = rank_memory(cfg, VOCAB, 1, 1, 1, ph, recompute, False, 2)
+    planned.pop("stage")
+    planned["activations_and_logits"] = planned.pop("activations") + planned.pop("logits")
+    planned.pop("p2p")
+    keys = ["weights", "main_grads", "optimizer", "teacher", "activations_and_logits"]
+    m_total, p_total = sum(measured.values()), sum(planned[k] for k in keys)
+    return {"measured_mib": {k: round(measured[k] / 2**20, 2) for k in keys},
+            "planned_mib": {k: round(planned[k] / 2**20, 2) for k in keys},
+            "total_measured_mib": round(m_total / 2**20, 1), "total_planned_mib": round(p_total / 2**20, 1),
+            "planned_vs_measured": round(p_total / m_total, 3)}
+
+
+def main() -> None:
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29741")
+    from elastic_megatron.parallel import destroy_distributed
+
+    torch.manual_seed(0)
+    res = {}
+    for name in CASES:
+        for recompute in ("none", "full"):
+            res[f"{name}/{recompute}"] = measure(name, recompute)
+            destroy_distributed()
+    print(json.dumps(res))
+
+
+if __name__ == "__main__":
+    main()
