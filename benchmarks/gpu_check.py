@@ -7,7 +7,8 @@
    spec, bf16 and train.recompute=full (train -> importance -> elastic-train), its losses; 3. a
    ~1B-parameter parent (TE spec, bf16, recomputation on): the training step (forward with labels,
    backward) at 100 / 75 / 50 % of its parameters through the elastic forward against megatron's
-   own forward, and peak GPU memory per variant. Without CUDA it says so and exits 0.
+   own forward, and peak GPU memory per variant beside the memory planner's figures for that step.
+Without CUDA it says so and exits 0.
 Budget: under 8 minutes on one H200.
 """
 
@@ -112,6 +113,13 @@ def one_b_steps() -> dict:
             peaks[v] = torch.cuda.max_memory_allocated() / 2**30
         out["step_ms"] = {k: round(x, 1) for k, x in times.items()}
         out["peak_gib"] = {k: round(x, 2) for k, x in peaks.items()}
+        # The planner's figures for this step (parent phase, one rank), to set beside peak_gib: the
+        # measured peak holds the bf16 weights, their bf16 .grad (no DDP here) and the step itself.
+        from elastic_megatron.plan import Phase, rank_memory
+
+        pl = rank_memory(cfg, VOCAB, 1, 1, 1, Phase("step", SEQ, BATCH, BATCH, False), cfg.train.recompute, False, 2)
+        out["planner_gib"] = {"weights": round(pl["weights"] / 2**30, 2), "grads_bf16": round(pl["weights"] / 2**30, 2),
+                              "activations_plus_logits": round((pl["activations"] + pl["logits"]) / 2**30, 2)}
         out["ratio_50_vs_100"] = round(times["elastic_50"] / times["elastic_100"], 3)
         out["ratio_75_vs_100"] = round(times["elastic_75"] / times["elastic_100"], 3)
         out["ratio_elastic_vs_megatron"] = round(times["elastic_100"] / times["megatron"], 3)

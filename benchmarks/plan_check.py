@@ -18,10 +18,13 @@ from __future__ import annotations
 import json
 import os
 import sys
+import weakref
 from dataclasses import replace
 from pathlib import Path
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "benchmarks"))
@@ -42,6 +45,38 @@ def storage_bytes(tensors) -> int:
             seen.add(st.data_ptr())
             total += st.nbytes()
     return total
+
+
+class PeakTracker(TorchDispatchMode):
+    """Bytes of tensor storage created inside the mode and still alive, and their peak: every op's
+    outputs are recorded (once per storage) and dropped when the storage is freed."""
+
+    def __init__(self):
+        super().__init__()
+        self.live: dict[int, int] = {}
+        self.cur = self.peak = 0
+
+    def _track(self, t: torch.Tensor) -> None:
+        st = t.untyped_storage()
+        key, n = st.data_ptr(), st.nbytes()
+        if key in self.live or n == 0:
+            return
+        self.live[key] = n
+        self.cur += n
+        self.peak = max(self.peak, self.cur)
+
+        def gone(k=key, n=n):
+            if self.live.pop(k, None) is not None:
+                self.cur -= n
+
+        weakref.finalize(st, gone)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor):
+                self._track(t)
+        return out
 
 
 def measure(name: str, recompute: str) -> dict:
@@ -80,12 +115,16 @@ def measure(name: str, recompute: str) -> dict:
             saved.append(t)
         return t
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out, loss_fn = _forward_step(ElasticHybrid(student, cfg, layout), ElasticHybrid(teacher, cfg, layout), [dec],
-                                     router, cfg, iter([batch]), None)
-        total, _ = loss_fn(out)
-    measured["activations_and_logits"] = storage_bytes(saved)
-    total.backward()
+    tracker = PeakTracker()
+    with tracker:  # the whole forward and backward: the step's peak of new tensors
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out, loss_fn = _forward_step(ElasticHybrid(student, cfg, layout), ElasticHybrid(teacher, cfg, layout),
+                                         [dec], router, cfg, iter([batch]), None)
+            total, _ = loss_fn(out)
+        saved_at_turn = storage_bytes(saved)
+        del out, saved
+        total.backward()
+    measured["activations_and_logits"] = tracker.peak
     opt.step()  # creates Adam's state: then the optimizer's tensors are all there
     opt_tensors = []
     for o in getattr(opt, "chained_optimizers", [opt]):
@@ -104,7 +143,8 @@ def measure(name: str, recompute: str) -> dict:
     return {"measured_mib": {k: round(measured[k] / 2**20, 2) for k in keys},
             "planned_mib": {k: round(planned[k] / 2**20, 2) for k in keys},
             "total_measured_mib": round(m_total / 2**20, 1), "total_planned_mib": round(p_total / 2**20, 1),
-            "planned_vs_measured": round(p_total / m_total, 3)}
+            "planned_vs_measured": round(p_total / m_total, 3),
+            "saved_at_forward_end_mib": round(saved_at_turn / 2**20, 2)}
 
 
 def main() -> None:

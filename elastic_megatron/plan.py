@@ -19,8 +19,10 @@ adds up per rank, for the worst pipeline stage:
     p2p            send and receive buffers between stages (elastic: student and teacher side by side)
     runtime        CUDA context, NCCL and allocator slack: a fixed allowance (--overhead)
 
-The full-size budget is the largest subnet, so the parent's shapes bound every budget. Sequence
-parallelism is not modelled (not implemented; docs/architecture.md).
+The full-size budget is the largest subnet, so the parent's shapes bound every budget. Not
+modelled: the backward's transient working set beyond the one recomputed layer (on CPU, with the
+pure-PyTorch scan, measured at 1.5-2x the saved activations; docs/performance.md), and sequence
+parallelism (not implemented; docs/architecture.md).
 """
 
 from __future__ import annotations

@@ -15,11 +15,8 @@ import pytest
 import torch
 
 from elastic_megatron.config import load_config
-from elastic_megatron.elastic.subnet import Subnet
 
 VOCAB = 64
-T, F = True, False
-SUBNET = Subnet(144, (12, 8, 12, 8), (18, 24, 12, 18), (4, 8), (384, 192, 576, 384), (T, F, T, T, T, T, F, T, T, F))
 
 
 @pytest.fixture(scope="module")
