@@ -80,8 +80,34 @@ def _save_strategy():
     return InProcessTorchDistSave("torch_dist", 1)
 
 
-def _sharded_state(model, optimizer, is_loading: bool) -> dict:
+# Checkpoints written before the canonical (Transformer Engine) norm keys: local spec names.
+_LEGACY_NORM_KEYS = {"mixer.in_proj.layer_norm_weight": "norm.weight",
+                     "self_attention.linear_qkv.layer_norm_weight": "input_layernorm.weight",
+                     "mlp.linear_fc1.layer_norm_weight": "pre_mlp_layernorm.weight"}
+
+
+def _has_legacy_norm_keys(path: Path) -> bool:
+    """Whether the checkpoint stores pre-norms under the old local-spec names (written before
+    model/weights.py's canonical keys): then they are read from there."""
+    keys = dist_checkpointing.load_tensors_metadata(str(path)).keys()
+    legacy = any(k.endswith(tuple("." + v for v in _LEGACY_NORM_KEYS.values())) and ".mixer.norm." not in k
+                 for k in keys if k.startswith("decoder.layers."))
+    return legacy and not any(k.endswith(tuple(_LEGACY_NORM_KEYS)) for k in keys)
+
+
+def _rename_legacy(sharded: dict) -> None:
+    """Point the model's pre-norm entries at their old checkpoint keys (and so the optimizer's)."""
+    for entry in sharded.values():
+        key = getattr(entry, "key", None)
+        for new, old in _LEGACY_NORM_KEYS.items():
+            if isinstance(key, str) and key.endswith(new):
+                entry.key = key[: -len(new)] + old
+
+
+def _sharded_state(model, optimizer, is_loading: bool, legacy_norms: bool = False) -> dict:
     state = {"model": model.sharded_state_dict()}
+    if legacy_norms:
+        _rename_legacy(state["model"])
     if optimizer is not None:
         # fully_reshardable: optimizer state stored in model space, so a checkpoint written with
         # one DP size (or with the distributed optimizer off) loads under another.
@@ -156,7 +182,7 @@ def load_checkpoint(path: str | Path, model, optimizer=None) -> dict:
         raise FileNotFoundError(f"'{path}' is not a dist_checkpointing checkpoint (no metadata.json)")
     if optimizer is not None:
         _materialize_optimizer_state(optimizer)
-    state = _sharded_state(model, optimizer, is_loading=True)
+    state = _sharded_state(model, optimizer, is_loading=True, legacy_norms=_has_legacy_norm_keys(path))
     state["loop"] = {}
     loaded = dist_checkpointing.load(state, str(path))
     loop = loaded.get("loop") or dist_checkpointing.load_common_state_dict(str(path)).get("loop", {})

@@ -160,3 +160,29 @@ def test_checkpoint_moves_between_specs_bit_identically(env, tmp_path, save_as, 
             assert torch.equal(p, moved[n]), n
     with torch.no_grad():
         assert close(dst(tokens, pos, None), src(tokens, pos, None))
+
+
+def test_checkpoint_with_the_old_local_norm_keys_still_loads(env, tmp_path, monkeypatch):
+    """Written before the canonical (TE) keys: norms under `norm.weight`, `input_layernorm.weight`,
+    `pre_mlp_layernorm.weight`. Loading reads them from there, under either spec."""
+    import elastic_megatron.model.spec as spec
+    from elastic_megatron.model.weights import pre_norm_weight
+    from elastic_megatron.train.checkpoint import load_checkpoint, save_checkpoint
+
+    cfg, layout, tokens, pos = env
+    monkeypatch.setattr(spec, "CANONICAL_KEYS", {"M": {}, "*": {}, "-": {}})  # the old local spec
+    old = build(cfg, layout, "local", perturb=True)
+    path = save_checkpoint(tmp_path, 1, old, None, {"step": 1})
+    monkeypatch.undo()
+    from torch.distributed.checkpoint import FileSystemReader
+
+    keys = FileSystemReader(str(path)).read_metadata().state_dict_metadata.keys()
+    assert "decoder.layers.0.norm.weight" in keys and not any("layer_norm_weight" in k for k in keys)
+    for backend in ("local", "te"):
+        new = build(cfg, layout, backend)
+        load_checkpoint(path, new)
+        for i, (a, b) in enumerate(zip(old.decoder.layers, new.decoder.layers)):
+            assert torch.equal(pre_norm_weight(a, cfg.model.hybrid_override_pattern[i]),
+                               pre_norm_weight(b, cfg.model.hybrid_override_pattern[i])), (backend, i)
+        with torch.no_grad():
+            assert close(new(tokens, pos, None), old(tokens, pos, None))
