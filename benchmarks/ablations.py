@@ -128,7 +128,7 @@ def arm_a_d(demo: Demo, out: Path, n_short: int, n_long: int, arms: str) -> dict
     for row in demo.rows()[1:]:  # the smaller budgets
         name, params = row["name"], row["params"]
         elastic = {k: row[k] for k in ("params", "heldout_loss", "accuracy_short", "accuracy_long")}
-        homo = homogeneous_for_target(m, vocab, params, tp=demo.cfg.elastic.sort_tensor_parallel or 1)
+        homo = homogeneous_for_target(m, vocab, params, tp=demo.cfg.parallel.tensor)  # valid for the run's TP
         homo_path = out / f"homogeneous_{name}.json"
         homo_path.parent.mkdir(parents=True, exist_ok=True)
         homo_path.write_text(json.dumps({"subnet": homo.to_dict()}))

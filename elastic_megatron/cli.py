@@ -28,7 +28,7 @@ def cmd_train(args) -> int:
     from .train.loop import train
 
     result = train(cfg)
-    if int(os.environ.get("RANK", "0")) == 0:
+    if _rank() == 0:
         print(f"trained {result.steps} steps ({result.params:,} parameters); "
               f"final loss {result.losses[-1] if result.losses else float('nan'):.4f}")
         print(f"checkpoint: {result.checkpoint}")
@@ -51,7 +51,7 @@ def cmd_importance(args) -> int:
     from .elastic.jobs import importance_job
 
     result = importance_job(cfg)
-    if int(os.environ.get("RANK", "0")) == 0:
+    if _rank() == 0:
         print(f"importance scores: {result['importance']}")
         print(f"layer order (most important first): {result['layer_order']}")
         print(f"sorted parent: {result['sorted_checkpoint']} (config {result['config']})")
@@ -78,7 +78,7 @@ def cmd_elastic(args) -> int:
     if cfg.elastic.importance_path:
         order = ImportanceScores.load(cfg.elastic.importance_path).layer_order
     result = elastic_train(cfg, order)
-    if int(os.environ.get("RANK", "0")) == 0:
+    if _rank() == 0:
         print(f"elastic training done: final loss {result.losses[-1]:.4f}")
         print(f"checkpoint: {result.checkpoint}")
         print(f"metrics:    {result.metrics}")
@@ -94,15 +94,18 @@ def cmd_plan(args) -> int:
     if args.nodes < 1 or args.gpus_per_node < 1:
         raise ConfigError("--nodes and --gpus-per-node must be >= 1")
     mem, overhead = parse_bytes(args.gpu_memory), parse_bytes(args.overhead)
-    vocab = padded_vocab_size(cfg.model, load_tokenizer(cfg.data.tokenizer).vocab_size, 8)
+    # padded for the largest TP the plan tries (TP stays inside a node)
+    vocab = padded_vocab_size(cfg.model, load_tokenizer(cfg.data.tokenizer).vocab_size, args.gpus_per_node)
     rows = plan_both_recompute(cfg, vocab, mem, args.nodes, args.gpus_per_node, overhead)
     print(format_plan(rows, mem))
-    layouts = {(r["tp"], r["pp"], r["dp"], r["distributed_optimizer"], r["recompute"]) for r in rows}
-    every = sorted(k for k in layouts if all(r["fits"] for r in rows if (r["tp"], r["pp"], r["dp"],
-                                                                        r["distributed_optimizer"], r["recompute"]) == k))
+    fits: dict[tuple, bool] = {}  # (tp, pp, dp, distributed optimizer, recompute) -> every phase fits
+    for r in rows:
+        k = (r["tp"], r["pp"], r["dp"], r["distributed_optimizer"], r["recompute"])
+        fits[k] = fits.get(k, True) and r["fits"]
+    every = [k for k, ok in fits.items() if ok]
     if every:
         tp, pp, dp, do, rc = min(every, key=lambda k: (k[0] * k[1], not k[3], k[4] != "none"))
-        print(f"fits every phase: {len(every)} of {len(layouts)} layouts; e.g. TP {tp} x PP {pp} x DP {dp}, "
+        print(f"fits every phase: {len(every)} of {len(fits)} layouts; e.g. TP {tp} x PP {pp} x DP {dp}, "
               f"distributed optimizer {'on' if do else 'off'}, recompute {rc}")
     else:
         print(f"no layout fits every phase in {mem / 2**30:.0f} GiB per GPU on {args.nodes} x {args.gpus_per_node} GPUs")

@@ -24,6 +24,8 @@ _PRE_NORM = {"M": ("norm", "mixer.in_proj"), "*": ("input_layernorm", "self_atte
 
 # The local spec's checkpoint keys -> the canonical (TE) keys, per layer kind.
 CANONICAL_KEYS = {kind: {f"{norm}.": f"{fused}.layer_norm_"} for kind, (norm, fused) in _PRE_NORM.items()}
+# Canonical key suffix -> the local name checkpoints used before the canonical keys (still read).
+LEGACY_NORM_KEYS = {f"{fused}.layer_norm_weight": f"{norm}.weight" for norm, fused in _PRE_NORM.values()}
 
 
 def pre_norm_weight(layer: torch.nn.Module, kind: str) -> torch.nn.Parameter:

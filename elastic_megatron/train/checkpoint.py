@@ -21,6 +21,8 @@ import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing
 
+from ..model.weights import LEGACY_NORM_KEYS
+
 
 def _barrier() -> None:
     if dist.is_initialized():
@@ -80,26 +82,20 @@ def _save_strategy():
     return InProcessTorchDistSave("torch_dist", 1)
 
 
-# Checkpoints written before the canonical (Transformer Engine) norm keys: local spec names.
-_LEGACY_NORM_KEYS = {"mixer.in_proj.layer_norm_weight": "norm.weight",
-                     "self_attention.linear_qkv.layer_norm_weight": "input_layernorm.weight",
-                     "mlp.linear_fc1.layer_norm_weight": "pre_mlp_layernorm.weight"}
-
-
 def _has_legacy_norm_keys(path: Path) -> bool:
     """Whether the checkpoint stores pre-norms under the old local-spec names (written before
     model/weights.py's canonical keys): then they are read from there."""
     keys = dist_checkpointing.load_tensors_metadata(str(path)).keys()
-    legacy = any(k.endswith(tuple("." + v for v in _LEGACY_NORM_KEYS.values())) and ".mixer.norm." not in k
+    legacy = any(k.endswith(tuple("." + v for v in LEGACY_NORM_KEYS.values())) and ".mixer.norm." not in k
                  for k in keys if k.startswith("decoder.layers."))
-    return legacy and not any(k.endswith(tuple(_LEGACY_NORM_KEYS)) for k in keys)
+    return legacy and not any(k.endswith(tuple(LEGACY_NORM_KEYS)) for k in keys)
 
 
 def _rename_legacy(sharded: dict) -> None:
     """Point the model's pre-norm entries at their old checkpoint keys (and so the optimizer's)."""
     for entry in sharded.values():
         key = getattr(entry, "key", None)
-        for new, old in _LEGACY_NORM_KEYS.items():
+        for new, old in LEGACY_NORM_KEYS.items():
             if isinstance(key, str) and key.endswith(new):
                 entry.key = key[: -len(new)] + old
 
