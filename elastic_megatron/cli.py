@@ -112,6 +112,57 @@ def cmd_plan(args) -> int:
     return 0
 
 
+def cmd_import_hf(args) -> int:
+    from .formats.hf_jobs import import_config, import_hf_job
+
+    import_config(args.hf_dir, args.out, args.config, args.overrides)  # fail fast, before megatron's import
+    r = import_hf_job(args.hf_dir, args.out, args.config, args.overrides)
+    if _rank() == 0:
+        tied = " (tied embeddings: the output layer starts as a copy of the input one)" if r["tied"] else ""
+        print(f"imported {r['params']:,} parameters, pattern {r['pattern']}{tied}")
+        print(f"parent checkpoint: {r['checkpoint']}")
+        print(f"config: {r['config']} (give it to train / importance / elastic-train with --config)")
+    return 0
+
+
+def _export_config(args):
+    from .formats.hf_jobs import resolve_export_config
+
+    if not args.checkpoint and not args.config:
+        raise ConfigError("give --checkpoint (an elastic-train, sorted or imported run / checkpoint) or --config")
+    return resolve_export_config(args.config, args.checkpoint, args.overrides)
+
+
+def cmd_export_hf(args) -> int:
+    from .formats.hf_jobs import export_hf_job
+    from .plan import parse_bytes
+
+    cfg = _export_config(args)
+    rows = export_hf_job(cfg, args.budget, args.out, args.router, args.dtype, parse_bytes(args.max_shard_size))
+    for r in rows:
+        print(f"{r['budget']:>8}  params {r['params']:>14,}  exported {r['exported_params']:>14,}  "
+              f"{r['format']}  -> {r['path']}")
+    return 0
+
+
+def cmd_generate(args) -> int:
+    from .generate import generate_elastic, generate_hf, is_hf_dir
+
+    prompts = args.prompt or []
+    if not prompts:
+        raise ConfigError("give at least one --prompt TEXT")
+    if args.max_new < 1:
+        raise ConfigError(f"--max-new {args.max_new}: give a positive number of tokens")
+    if args.checkpoint and is_hf_dir(args.checkpoint):
+        texts = generate_hf(args.checkpoint, prompts, args.max_new)
+    else:
+        cfg = _export_config(args)
+        texts = generate_elastic(cfg, args.budget or cfg.elastic.budgets[0], prompts, args.max_new, args.router)
+    for prompt, text in zip(prompts, texts):
+        print(f"{prompt}{text}")
+    return 0
+
+
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
@@ -162,6 +213,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--router", default="", help="a saved router (torch.save'd RouterSet); default: fit one to "
                                                  "the budgets with the budget loss alone")
     p.set_defaults(func=cmd_slice)
+    p = sub.add_parser("import-hf", help="a Hugging Face NemotronH checkpoint -> our config + dist checkpoint")
+    p.add_argument("hf_dir", help="Hugging Face model directory: config.json, *.safetensors, tokenizer files")
+    p.add_argument("--out", required=True, help="run directory to create (config.yaml, parent/, tokenizer/)")
+    _add_config_args(p)
+    p.set_defaults(func=cmd_import_hf)
+    for name, helptext, func in (("export-hf", "write budgets as Hugging Face directories (transformers, vLLM)",
+                                  cmd_export_hf),
+                                 ("generate", "greedy generation from one budget of an elastic checkpoint, or "
+                                              "from an exported Hugging Face directory", cmd_generate)):
+        p = sub.add_parser(name, help=helptext)
+        p.add_argument("--checkpoint", default="", help="run directory or checkpoint (its config is read from it)"
+                       + ("" if name == "export-hf" else "; or an exported Hugging Face directory"))
+        _add_config_args(p)
+        p.add_argument("--router", default="", help="a saved router (torch.save'd RouterSet)")
+        if name == "export-hf":
+            p.add_argument("--budget", action="append", default=[],
+                           help="budget to export (repeatable): 6B, 0.5, 1.0 (the full model); default: elastic.budgets")
+            p.add_argument("--out", required=True, help="output directory (one sub-directory per budget)")
+            p.add_argument("--dtype", default="auto", help="auto (the imported parent's, else the run's), float32, "
+                                                           "bfloat16, float16")
+            p.add_argument("--max-shard-size", default="5GB", help="largest safetensors file, e.g. 5GB")
+        else:
+            p.add_argument("--budget", default="", help="budget to cut (default: the first of elastic.budgets)")
+            p.add_argument("--prompt", action="append", default=[], help="prompt text (repeatable)")
+            p.add_argument("--max-new", type=int, default=64, help="largest number of new tokens")
+        p.set_defaults(func=func)
     return parser
 
 
@@ -219,7 +296,15 @@ def _exit_with_peers(code: int, timeout_s: float = 30.0) -> None:
 def main(argv: list[str] | None = None) -> int:
     from .data.prepare import DataFormatError
 
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    # argparse cannot take positionals on both sides of an option (import-hf DIR --out X a.b=1):
+    # dotted overrides it left over join the others; anything else is still an error
+    bad = [r for r in rest if r.startswith("-") or "=" not in r or not hasattr(args, "overrides")]
+    if bad:
+        parser.error(f"unrecognized arguments: {' '.join(bad)}")
+    if rest:
+        args.overrides = [*args.overrides, *rest]
     if not args.verbose:
         _quiet_cpu_warnings()
     try:

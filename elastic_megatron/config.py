@@ -43,6 +43,12 @@ class ModelConfig:
     mamba_state_dim: int = 16  # SSM state size d_s
     vocab_size: int = 0  # 0 = take it from the tokenizer (padded to make_vocab_size_divisible_by)
     make_vocab_size_divisible_by: int = 8  # pad the vocab so every TP shard is equal
+    # Real tokens of an imported model whose vocab_size was padded on import (export-hf trims the
+    # padding off again); 0 = vocab_size, or the tokenizer's size when vocab_size is 0.
+    unpadded_vocab_size: int = 0
+    # The Hugging Face config.json a parent was imported from (`import-hf` copies it into the run
+    # directory): export-hf keeps its token ids and generation settings. Empty = not imported.
+    hf_source: str = ""
     norm_epsilon: float = 1e-5  # RMSNorm eps
     init_method_std: float = 0.02  # std of normal weight init
     max_sequence_length: int = 4096  # longest sequence the model will see (no position embedding)
@@ -392,6 +398,9 @@ def validate(cfg: RunConfig) -> None:
             _fail(f"model.{name}", f"entries must be multiples of model.num_query_groups ({m.num_query_groups})")
     if m.vocab_size < 0:
         _fail("model.vocab_size", f"must be >= 0 (0 = from the tokenizer), got {m.vocab_size}")
+    if m.unpadded_vocab_size < 0 or (m.vocab_size and m.unpadded_vocab_size > m.vocab_size):
+        _fail("model.unpadded_vocab_size", f"{m.unpadded_vocab_size} must be between 0 and model.vocab_size "
+                                           f"({m.vocab_size})")
     if m.num_attention_heads % m.num_query_groups:
         _fail("model.num_query_groups",
               f"{m.num_query_groups} must divide model.num_attention_heads ({m.num_attention_heads})")

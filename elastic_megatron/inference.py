@@ -98,8 +98,9 @@ class CachedDecoder:
 
 @torch.no_grad()
 def greedy_generate(model, tok, prompts: list[str], max_new: int, pattern: str, eps: float,
-                    batch: int = 64) -> list[str]:
-    """Greedy continuation of each prompt (after <bos>) until <eos> or max_new tokens."""
+                    batch: int = 64, vocab_limit: int | None = None) -> list[str]:
+    """Greedy continuation of each prompt (after <bos>) until <eos> or max_new tokens. `vocab_limit`:
+    only the first ids are real tokens (the rest pads the embedding for TP), never emit the others."""
     out = []
     for start in range(0, len(prompts), batch):
         ids = [[tok.bos_id] + tok.encode(p) for p in prompts[start:start + batch]]
@@ -112,7 +113,7 @@ def greedy_generate(model, tok, prompts: list[str], max_new: int, pattern: str, 
         done = torch.zeros(len(ids), dtype=torch.bool)
         cur = prompt[:, 0]
         for t in range(longest + max_new - 1):
-            nxt = dec.step(cur).argmax(-1)  # prediction for position t + 1
+            nxt = dec.step(cur)[:, :vocab_limit].argmax(-1)  # prediction for position t + 1
             generating = (t + 1 >= lens) & ~done  # rows whose prompt is exhausted
             for r in torch.nonzero(generating).flatten().tolist():
                 if len(gen[r]) < max_new:

@@ -67,7 +67,8 @@ def importance_job(cfg: RunConfig) -> dict:
             sorted_dir.mkdir(parents=True, exist_ok=True)
             (sorted_dir / "config.yaml").write_text(to_yaml(sorted_cfg))
         ckpt = save_checkpoint(sorted_dir / "checkpoints", 0, model, None,
-                               {"step": 0, "sorted": True, "ffn_layout_tp": layout.tensor})
+                               {"step": 0, "sorted": True, "ffn_layout_tp": layout.tensor,
+                                "layer_order": scores.layer_order, "config": to_yaml(sorted_cfg)})
         return {"importance": str(path), "sorted_checkpoint": str(ckpt), "layer_order": scores.layer_order,
                 "config": str(sorted_dir / "config.yaml")}
     finally:
@@ -98,23 +99,41 @@ def family_subnets(cfg: RunConfig, router) -> list:
     return nest_family([fixed[b] if b in fixed else router.inference(b) for b in range(len(router.targets))])
 
 
-def _router_for(cfg: RunConfig, loop: dict, vocab: int, budgets_given: bool, router_path: str = ""):
-    """The router whose choices are sliced: a saved one, the one an elastic-train checkpoint holds
-    (for its own budgets), else one fitted on the budget loss alone."""
+def _layer_order(cfg: RunConfig, loop: dict):
+    """The depth ranking: the one an elastic-train checkpoint records, else the saved importance scores'."""
     from .importance import ImportanceScores
 
-    if router_path:
-        return torch.load(router_path, weights_only=False)
-    order = None
+    if loop.get("layer_order"):
+        return list(loop["layer_order"])
     if cfg.elastic.importance_path and Path(cfg.elastic.importance_path).exists():
-        order = ImportanceScores.load(cfg.elastic.importance_path).layer_order
-    if "router" in loop and not budgets_given:  # the router trained by elastic-train, for its own budgets
-        from .router import build_router
+        return ImportanceScores.load(cfg.elastic.importance_path).layer_order
+    return None
 
+
+def choose_family(cfg: RunConfig, loop: dict, vocab: int, budgets: list[str], router_path: str = "") -> dict:
+    """{budget text: (subnet, target)} for `budgets` (default: elastic.budgets), nested. The router
+    that chooses: a saved one (`router_path`), else the one an elastic-train checkpoint holds when
+    every budget asked for is one it was trained for, else one fitted on the budget loss alone.
+    `slice`, `export-hf` and `generate` all take their subnets from here."""
+    from .router import build_router
+
+    trained = list(cfg.elastic.budgets)
+    budgets = list(budgets) or trained
+    order = _layer_order(cfg, loop)
+    if router_path:
+        use = replace(cfg, elastic=replace(cfg.elastic, budgets=budgets, subnets=[])) if budgets != trained else cfg
+        router = torch.load(router_path, weights_only=False)
+    elif "router" in loop and set(budgets) <= set(trained):
+        use = cfg
         router = build_router(cfg, vocab, layer_order=order, tp=1)
         router.load_state_dict(loop["router"])
-        return router
-    return fit_router(cfg, vocab, order)  # no trained router (or new budgets): fit one on the budget loss alone
+    else:  # no trained router (or new budgets): fit one on the budget loss alone, unless no budget needs it
+        use = cfg if budgets == trained else replace(cfg, elastic=replace(cfg.elastic, budgets=budgets, subnets=[]))
+        router = build_router(use, vocab, layer_order=order, tp=1)
+        if len(router.fixed_subnets(use.elastic.subnets, 1)) < len(budgets):  # not all full / hand-picked
+            router = fit_router(use, vocab, order)
+    family = dict(zip(use.elastic.budgets, zip(family_subnets(use, router), router.targets)))
+    return {b: family[b] for b in budgets}
 
 
 def _write_slices(single: RunConfig, parent, layout, vocab: int, named: dict, out_dir: str, extra: dict) -> list[dict]:
@@ -146,15 +165,12 @@ def slice_job(cfg: RunConfig, budgets: list[str], out_dir: str, router_path: str
     """Cut each budget out of the sorted parent in `checkpoint.load` into a standalone checkpoint."""
     for b in budgets:  # before the (slow) parent load
         parse_budget(b)
-    if budgets:
-        cfg = replace(cfg, elastic=replace(cfg.elastic, budgets=list(budgets), subnets=[]))
     single = replace(cfg, parallel=replace(cfg.parallel, tensor=1, pipeline=1, data=1))
     layout, tok, vocab, parent, loop = _parent(single, 1)
     try:
-        router = _router_for(cfg, loop, vocab, bool(budgets), router_path)
-        family = family_subnets(cfg, router)
-        named = dict(zip(cfg.elastic.budgets, family))
-        extra = {text: {"target": target} for text, target in zip(cfg.elastic.budgets, router.targets)}
+        family = choose_family(cfg, loop, vocab, budgets, router_path)
+        named = {b: s for b, (s, _) in family.items()}
+        extra = {b: {"target": target} for b, (_, target) in family.items()}
         return _write_slices(single, parent, layout, vocab, named, out_dir, extra)
     finally:
         destroy_distributed()
@@ -178,6 +194,6 @@ def family_from_checkpoint(cfg: RunConfig, ckpt: str) -> dict:
     try:
         if "router" not in loop:
             raise ValueError(f"{ckpt} holds no router state: pass an elastic-train checkpoint")
-        return dict(zip(cfg.elastic.budgets, family_subnets(cfg, _router_for(cfg, loop, vocab, False))))
+        return {b: s for b, (s, _) in choose_family(cfg, loop, vocab, []).items()}
     finally:
         destroy_distributed()

@@ -87,45 +87,53 @@ def kept_indices(name: str, s: Subnet, m: ModelConfig, sort_tp: int) -> dict[int
     return {"mlp.linear_fc1.weight": {0: ffn, 1: hk}, "mlp.linear_fc2.weight": {0: hk, 1: ffn}}[rest]
 
 
+def slice_tensor(name: str, tensor: torch.Tensor, m: ModelConfig, s: Subnet,
+                 sort_tp: int = 1) -> tuple[str, torch.Tensor] | None:
+    """One full parent tensor -> (its name in the sliced model, the cut tensor); None for a dropped
+    layer's tensor. Layers are renumbered after dropping. `slice`, `export-hf` and `generate` all
+    cut through here, one tensor at a time."""
+    match = re.match(r"decoder\.layers\.(\d+)\.(.*)$", name)
+    if match and not s.keep[int(match.group(1))]:
+        return None
+    for dim, idx in kept_indices(name, s, m, sort_tp).items():
+        tensor = tensor.index_select(dim, idx)
+    if match:
+        name = f"decoder.layers.{sum(s.keep[:int(match.group(1))])}.{match.group(2)}"
+    return name, tensor.contiguous()
+
+
 def slice_state(full: dict[str, torch.Tensor], m: ModelConfig, s: Subnet, sort_tp: int = 1) -> dict[str, torch.Tensor]:
-    """Full parent tensors -> full tensors of the sliced model, layers renumbered after dropping."""
-    new_index = {old: new for new, old in enumerate(i for i, keep in enumerate(s.keep) if keep)}
-    out = {}
-    for name, tensor in full.items():
-        match = re.match(r"decoder\.layers\.(\d+)\.(.*)$", name)
-        if match and int(match.group(1)) not in new_index:
-            continue  # a dropped layer
-        for dim, idx in kept_indices(name, s, m, sort_tp).items():
-            tensor = tensor.index_select(dim, idx)
-        new_name = f"decoder.layers.{new_index[int(match.group(1))]}.{match.group(2)}" if match else name
-        out[new_name] = tensor.contiguous().clone()
-    return out
+    """Full parent tensors -> full tensors of the sliced model."""
+    cut = (slice_tensor(name, tensor, m, s, sort_tp) for name, tensor in full.items())
+    return {name: t.clone() for name, t in filter(None, cut)}
 
 
-def _stage_names(model, cfg: RunConfig, layout: ParallelLayout) -> list[tuple[str, str, torch.nn.Parameter]]:
+def stage_parameters(model, cfg: RunConfig, layout: ParallelLayout) -> list[tuple[str, str, torch.nn.Parameter]]:
+    """(local name, global name, parameter) of this pipeline stage's parameters."""
     offset = stage_layer_offset(cfg, layout, ps.get_pipeline_model_parallel_rank())
     return [(name, global_name(name, offset), p) for name, p in model.named_parameters()]
 
 
 @torch.no_grad()
+def gather_full_tensor(gname: str, p: torch.Tensor, cfg: RunConfig, layout: ParallelLayout) -> torch.Tensor:
+    """One parameter as its full (TP=1) fp32 CPU tensor, on every TP rank (an all_gather)."""
+    if layout.tensor == 1 or sharding.split_rule(gname) is None:
+        return p.detach().float().cpu().clone()
+    pieces = [torch.empty_like(p) for _ in range(layout.tensor)]
+    dist.all_gather(pieces, p.detach().contiguous(), group=ps.get_tensor_model_parallel_group())
+    return sharding.unshard(gname, [x.float().cpu() for x in pieces], cfg.model)
+
+
 def gather_full_state(model, cfg: RunConfig, layout: ParallelLayout) -> dict[str, torch.Tensor]:
-    """This pipeline stage's parameters as full (TP=1) tensors, on every TP rank (all_gather)."""
-    out = {}
-    for _, gname, p in _stage_names(model, cfg, layout):
-        if layout.tensor == 1 or sharding.split_rule(gname) is None:
-            out[gname] = p.detach().float().cpu().clone()
-            continue
-        pieces = [torch.empty_like(p) for _ in range(layout.tensor)]
-        dist.all_gather(pieces, p.detach().contiguous(), group=ps.get_tensor_model_parallel_group())
-        out[gname] = sharding.unshard(gname, [x.float().cpu() for x in pieces], cfg.model)
-    return out
+    """This pipeline stage's parameters as full (TP=1) tensors, on every TP rank."""
+    return {gname: gather_full_tensor(gname, p, cfg, layout) for _, gname, p in stage_parameters(model, cfg, layout)}
 
 
 @torch.no_grad()
 def load_full_state(model, full: dict[str, torch.Tensor], cfg: RunConfig, layout: ParallelLayout) -> None:
     """Copy full tensors into this rank's shards of `model` (built from cfg on this layout)."""
     tp_rank = ps.get_tensor_model_parallel_rank()
-    for _, gname, p in _stage_names(model, cfg, layout):
+    for _, gname, p in stage_parameters(model, cfg, layout):
         if gname not in full:
             raise KeyError(f"no tensor for parameter '{gname}' in the sliced state")
         p.copy_(sharding.shard(gname, full[gname], tp_rank, layout.tensor, cfg.model).to(p.dtype))

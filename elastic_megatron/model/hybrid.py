@@ -91,8 +91,11 @@ def stage_layer_offset(cfg: RunConfig, layout: ParallelLayout, pp_rank: int) -> 
     return sum(sizes[:pp_rank])
 
 
-def build_model(cfg: RunConfig, layout: ParallelLayout, vocab_size: int, dtype: torch.dtype) -> MambaModel:
-    """This rank's pipeline stage of the parent, initialised layout-independently from cfg.train.seed."""
+def build_model(cfg: RunConfig, layout: ParallelLayout, vocab_size: int, dtype: torch.dtype,
+                initialize: bool = True) -> MambaModel:
+    """This rank's pipeline stage of the parent, initialised layout-independently from cfg.train.seed
+    (`initialize=False`: left as megatron built it, for weights about to be loaded: a 12B import
+    then skips drawing every full tensor on every rank)."""
     pp_rank, pp_size = ps.get_pipeline_model_parallel_rank(), ps.get_pipeline_model_parallel_world_size()
     model = MambaModel(
         config=transformer_config(cfg, layout, dtype),
@@ -109,7 +112,8 @@ def build_model(cfg: RunConfig, layout: ParallelLayout, vocab_size: int, dtype: 
         _rebuild_heterogeneous_layers(model, cfg, layout, pp_rank)
     if torch.cuda.is_available():
         model.cuda(torch.cuda.current_device())
-    init_weights(model, cfg, layout, pp_rank)
+    if initialize:
+        init_weights(model, cfg, layout, pp_rank)
     # megatron's mixer creates A_log, D and dt_bias in fp32 whatever params_dtype is; a bf16 model
     # with a few fp32 parameters breaks megatron's optimizers' checkpoint code (their fp32 main
     # params no longer line up with the parameters), so every parameter takes the run's dtype, as

@@ -53,6 +53,31 @@ def resolve_checkpoint(path: str | Path) -> Path:
     return p
 
 
+def checkpoint_config(path: str | Path, overrides: list[str] | None = None):
+    """The RunConfig a checkpoint was written with: the YAML its loop state records (elastic-train,
+    importance and import-hf checkpoints do), else the run directory's config.yaml beside
+    `checkpoints/`; dotted `overrides` on top. Raises FileNotFoundError when neither exists."""
+    from ..config import load_config
+
+    ckpt = resolve_checkpoint(path)
+    if (ckpt / "metadata.json").exists():
+        loop = dist_checkpointing.load_common_state_dict(str(ckpt)).get("loop", {})
+        if loop.get("config"):
+            import tempfile
+
+            with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
+                f.write(loop["config"])
+            try:
+                return load_config(f.name, overrides)
+            finally:
+                os.unlink(f.name)
+    for run_dir in (Path(path), ckpt.parent.parent, ckpt.parent):
+        if (run_dir / "config.yaml").exists():
+            return load_config(str(run_dir / "config.yaml"), overrides)
+    raise FileNotFoundError(f"'{path}': no checkpoint recording its config and no config.yaml in its run "
+                            "directory; pass --config")
+
+
 def _save_strategy():
     """megatron's default writer forks worker processes; on our gloo/CPU runs those children die
     silently and the save hangs forever in `count_queue.join()` (seen with megatron-core 0.16.1).

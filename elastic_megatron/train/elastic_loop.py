@@ -188,8 +188,11 @@ def _elastic_train(cfg: RunConfig, layout: ParallelLayout, layer_order) -> Elast
             logger.progress(1, stage=stage.name, loss=record["loss"], budgets=record["budgets_seen"],
                             tok_s=round(record["tokens_per_s"]))
             if step + 1 == stage_end or (cfg.checkpoint.save_interval and (step + 1) % cfg.checkpoint.save_interval == 0):
+                # with the config and the depth ranking, the checkpoint is all that slice / export-hf /
+                # generate need (budgets, router, layer order, tokenizer: checkpoint_config)
                 state = {"step": step + 1, "router": router.state_dict(), "router_opt": router_opt.state_dict(),
-                         "ffn_layout_tp": layout.tensor}
+                         "ffn_layout_tp": layout.tensor, "layer_order": list(router.layer_order),
+                         "config": to_yaml(cfg)}
                 result.checkpoint = str(save_checkpoint(ckpt_root, step + 1, student, optimizer, state))
         stage_start = stage_end
     logger.close()
