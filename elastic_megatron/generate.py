@@ -23,7 +23,6 @@ def is_hf_dir(path: str) -> bool:
     return (Path(path) / "config.json").exists()
 
 
-@torch.no_grad()
 def cut_budget(cfg: RunConfig, budget: str, router_path: str = ""):
     """(sliced model, its config, tokenizer, real vocab, subnet) for `budget` of the parent in checkpoint.load."""
     from .elastic.jobs import _parent, choose_family
@@ -36,11 +35,12 @@ def cut_budget(cfg: RunConfig, budget: str, router_path: str = ""):
     (subnet, _), = choose_family(cfg, loop, vocab, [budget], router_path).values()
     sort_tp = 1  # the parent was laid out for TP=1 when loaded
     cut = {}
-    for _, gname, p in stage_parameters(parent, single, layout):
-        piece = slice_tensor(gname, p.detach(), single.model, subnet, sort_tp)
-        if piece is not None:
-            cut[piece[0]] = piece[1].clone()
-        p.data = torch.empty(0, dtype=p.dtype)  # the parent's tensor is no longer needed
+    with torch.no_grad():
+        for _, gname, p in stage_parameters(parent, single, layout):
+            piece = slice_tensor(gname, p.detach(), single.model, subnet, sort_tp)
+            if piece is not None:
+                cut[piece[0]] = piece[1].clone()
+            p.data = torch.empty(0, dtype=p.dtype)  # the parent's tensor is no longer needed
     del parent
     small_cfg = replace(single, model=sliced_model_config(single.model, subnet))
     from .parallel import ParallelLayout
@@ -50,20 +50,23 @@ def cut_budget(cfg: RunConfig, budget: str, router_path: str = ""):
     return small.eval(), small_cfg, tok, hf_vocab(cfg, tok.vocab_size), subnet
 
 
-def generate_elastic(cfg: RunConfig, budget: str, prompts: list[str], max_new: int, router_path: str = "") -> list[str]:
-    from .inference import greedy_generate
+def generate_elastic(cfg: RunConfig, budget: str, prompts: list[str], max_new: int, router_path: str = "",
+                     ids: bool = False) -> list:
+    """Greedy continuations (texts, or the generated ids with `ids`) from one budget of checkpoint.load."""
+    from .inference import greedy_ids
     from .parallel import destroy_distributed
 
     try:
         small, small_cfg, tok, n_vocab, _ = cut_budget(cfg, budget, router_path)
-        return greedy_generate(small, tok, prompts, max_new, small_cfg.model.hybrid_override_pattern,
-                               small_cfg.model.norm_epsilon, vocab_limit=n_vocab)
+        out = greedy_ids(small, tok, prompts, max_new, small_cfg.model.hybrid_override_pattern,
+                         small_cfg.model.norm_epsilon, vocab_limit=n_vocab)
+        return out if ids else [tok.decode(g) for g in out]
     finally:
         destroy_distributed()
 
 
 @torch.no_grad()
-def generate_hf(path: str, prompts: list[str], max_new: int) -> list[str]:
+def generate_hf(path: str, prompts: list[str], max_new: int, ids: bool = False) -> list:
     """Greedy continuations from a Hugging Face directory (stock or elastic-megatron's modelling code)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -71,10 +74,13 @@ def generate_hf(path: str, prompts: list[str], max_new: int) -> list[str]:
     model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True, dtype=torch.float32).eval()
     out = []
     for prompt in prompts:
-        ids = tok(prompt, return_tensors="pt")["input_ids"]
-        gen = model.generate(ids, max_new_tokens=max_new, do_sample=False, eos_token_id=tok.eos_token_id,
+        prompt_ids = tok(prompt, return_tensors="pt")["input_ids"]
+        gen = model.generate(prompt_ids, max_new_tokens=max_new, do_sample=False, eos_token_id=tok.eos_token_id,
                              pad_token_id=tok.pad_token_id)
-        new = gen[0, ids.shape[1]:].tolist()
+        new = gen[0, prompt_ids.shape[1]:].tolist()
+        if ids:
+            out.append(new)
+            continue
         if tok.eos_token_id in new:
             new = new[:new.index(tok.eos_token_id)]
         out.append(tok.decode(new, skip_special_tokens=True))

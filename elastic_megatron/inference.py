@@ -101,6 +101,13 @@ def greedy_generate(model, tok, prompts: list[str], max_new: int, pattern: str, 
                     batch: int = 64, vocab_limit: int | None = None) -> list[str]:
     """Greedy continuation of each prompt (after <bos>) until <eos> or max_new tokens. `vocab_limit`:
     only the first ids are real tokens (the rest pads the embedding for TP), never emit the others."""
+    return [tok.decode(g) for g in greedy_ids(model, tok, prompts, max_new, pattern, eps, batch, vocab_limit)]
+
+
+@torch.no_grad()
+def greedy_ids(model, tok, prompts: list[str], max_new: int, pattern: str, eps: float,
+               batch: int = 64, vocab_limit: int | None = None) -> list[list[int]]:
+    """The generated ids of greedy_generate (the final <eos> included when one is generated)."""
     out = []
     for start in range(0, len(prompts), batch):
         ids = [[tok.bos_id] + tok.encode(p) for p in prompts[start:start + batch]]
@@ -122,5 +129,5 @@ def greedy_generate(model, tok, prompts: list[str], max_new: int, pattern: str, 
             if bool(done.all()):
                 break
             cur = torch.where(t + 1 < lens, prompt[:, min(t + 1, longest - 1)], nxt)
-        out += [tok.decode(g) for g in gen]
+        out += gen
     return out

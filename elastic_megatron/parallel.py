@@ -126,9 +126,25 @@ def init_distributed(layout: ParallelLayout, seed: int) -> None:
 
 
 def destroy_distributed() -> None:
+    """End this job's megatron groups. Under torchrun the default process group stays up until the
+    process exits: a second job in the same process (import then check, export then generate)
+    re-creating it would find the first one's rendezvous keys in torchrun's store, and its groups
+    would dial ranks that no longer listen (gloo: "Connection refused")."""
+    import atexit
+
     from megatron.core import parallel_state as ps
 
     if ps.model_parallel_is_initialized():
         ps.destroy_model_parallel()
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    if not dist.is_initialized():
+        return
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        global _EXIT_HOOK
+        if not _EXIT_HOOK:
+            atexit.register(lambda: dist.is_initialized() and dist.destroy_process_group())
+            _EXIT_HOOK = True
+        return
+    dist.destroy_process_group()
+
+
+_EXIT_HOOK = False

@@ -128,9 +128,12 @@ def choose_family(cfg: RunConfig, loop: dict, vocab: int, budgets: list[str], ro
         router = build_router(cfg, vocab, layer_order=order, tp=1)
         router.load_state_dict(loop["router"])
     else:  # no trained router (or new budgets): fit one on the budget loss alone, unless no budget needs it
-        use = cfg if budgets == trained else replace(cfg, elastic=replace(cfg.elastic, budgets=budgets, subnets=[]))
+        use = cfg if set(budgets) <= set(trained) else replace(cfg, elastic=replace(cfg.elastic, budgets=budgets,
+                                                                                     subnets=[]))
         router = build_router(use, vocab, layer_order=order, tp=1)
-        if len(router.fixed_subnets(use.elastic.subnets, 1)) < len(budgets):  # not all full / hand-picked
+        fixed = router.fixed_subnets(use.elastic.subnets, 1)  # the full model and hand-picked subnets
+        names = list(use.elastic.budgets)
+        if any(names.index(b) not in fixed for b in budgets):
             router = fit_router(use, vocab, order)
     family = dict(zip(use.elastic.budgets, zip(family_subnets(use, router), router.targets)))
     return {b: family[b] for b in budgets}

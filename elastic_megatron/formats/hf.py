@@ -242,6 +242,13 @@ def hf_keys(name: str) -> list[str]:
     raise KeyError(f"no Hugging Face name for parameter '{name}'; add it to formats/hf.py")
 
 
+def file_key(key: str, elastic: bool) -> str:
+    """How a tensor is named in the safetensors files: stock NemotronH files say `backbone.` (transformers
+    renames it to `model.` on load for model_type nemotron_h only); the elastic modelling code has no
+    such rename, so its files use the in-memory `model.` names."""
+    return "model." + key[len("backbone."):] if elastic and key.startswith("backbone.") else key
+
+
 def _qkv_geometry(name: str, m: ModelConfig) -> tuple[int, int, int]:
     lm = m.for_layer(_split(name)[0])
     g = m.num_query_groups

@@ -178,7 +178,7 @@ def export_hf_job(cfg: RunConfig, budgets: list[str], out_dir: str, router_path:
                 if cut is None:
                     continue
                 for key, t in hf.to_hf(cut[0], cut[1], j["model"], n_vocab).items():
-                    j["writer"].add(key, t.to(torch_dtype).contiguous())
+                    j["writer"].add(hf.file_key(key, j["elastic"]), t.to(torch_dtype).contiguous())
                     j["exported"] += t.numel()
             del full
         rows = []
