@@ -252,6 +252,11 @@ _CPU_ONLY_WARNINGS = (r"Transformer Engine and Apex are not installed", r"full s
 def _quiet_cpu_warnings() -> None:
     import warnings
 
+    # transformers' notes that mamba-ssm / causal-conv1d are absent (their pure-torch paths are
+    # exact) and its weight-loading progress bar, likewise
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
     for text in _CPU_ONLY_WARNINGS:
         warnings.filterwarnings("ignore", message=f".*{text}.*")
 

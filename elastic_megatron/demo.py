@@ -9,7 +9,9 @@
 4. the router picks a subnet for 100% / ~75% / ~50% of the parameters; the family is nested
 5. each subnet is sliced into a standalone checkpoint and evaluated: held-out loss and greedy
    exact-match accuracy on short and long problems
-6. DIR/report.md, DIR/report.json and DIR/quality_vs_params.png
+6. the family is exported to Hugging Face (DIR/hf/budget_*), and the smallest exported model
+   answers a held-out problem through transformers
+7. DIR/report.md, DIR/report.json and DIR/quality_vs_params.png
 """
 
 from __future__ import annotations
@@ -52,9 +54,9 @@ def run_demo(out_dir: str, overrides: list[str] | None = None, n_short: int = 64
     # 1. parent
     parent_cfg = replace(cfg, logging=replace(cfg.logging, out_dir=str(out / "parent")))
     if latest_checkpoint(out / "parent" / "checkpoints") and _finished(out / "parent", cfg.train.steps):
-        _say(f"1/5 reusing the trained parent in {out / 'parent'}")
+        _say(f"1/6 reusing the trained parent in {out / 'parent'}")
     else:
-        _say(f"1/5 training the parent ({cfg.train.steps} steps)")
+        _say(f"1/6 training the parent ({cfg.train.steps} steps)")
         train(parent_cfg)
     timings["parent_s"] = time.time() - t0
     parent_eval = evaluate_model(str(out / "parent"), n_short, n_long, cfg.train.seed)
@@ -63,7 +65,7 @@ def run_demo(out_dir: str, overrides: list[str] | None = None, n_short: int = 64
     timings["parent_eval_s"] = time.time() - t0 - sum(timings.values())
 
     # 2. importance + sorting
-    _say("2/5 importance estimation and sorting")
+    _say("2/6 importance estimation and sorting")
     imp_cfg = replace(cfg, logging=replace(cfg.logging, out_dir=str(out / "importance"), wandb_mode="disabled"),
                       checkpoint=replace(cfg.checkpoint, load=str(out / "parent" / "checkpoints")))
     imp = importance_job(imp_cfg)
@@ -71,7 +73,7 @@ def run_demo(out_dir: str, overrides: list[str] | None = None, n_short: int = 64
     timings["importance_s"] = time.time() - t0 - sum(timings.values())
 
     # 3. elastic training
-    _say("3/5 elastic training: stage 1 (short, uniform budgets), stage 2 (long, weighted)")
+    _say("3/6 elastic training: stage 1 (short, uniform budgets), stage 2 (long, weighted)")
     el_cfg = load_config(imp["config"])
     # Elastic training starts from a trained parent: a third of the parent's peak LR keeps the full
     # model close to what it learned while the smaller budgets adapt.
@@ -83,16 +85,21 @@ def run_demo(out_dir: str, overrides: list[str] | None = None, n_short: int = 64
     timings["elastic_s"] = time.time() - t0 - sum(timings.values())
 
     # 4 + 5. pick, slice, evaluate
-    _say("4/5 router picks the family; slicing")
+    _say("4/6 router picks the family; slicing")
     rows = _slice_family(el_cfg, result, out / "models")
-    _say("5/5 evaluating the sliced models")
+    _say("5/6 evaluating the sliced models")
     for row in rows:
         row.update(evaluate_model(row["path"], n_short, n_long, cfg.train.seed))
         _say(f"  {row['name']}: {row['params']:,} params, held-out loss {row['heldout_loss']:.3f}, "
              f"accuracy short {row['accuracy_short']:.2f} long {row['accuracy_long']:.2f}")
     timings["slice_eval_s"] = time.time() - t0 - sum(timings.values())
+    _say("6/6 exporting the family to Hugging Face; the smallest answers through transformers")
+    hf = _export_family(el_cfg, result.checkpoint, out / "hf", cfg.train.seed)
+    _say(f"  {hf['budget']} via transformers: {hf['prompt']!r} -> {hf['answer_text']!r} (expected {hf['expected']})")
+    timings["export_s"] = time.time() - t0 - sum(timings.values())
     report = {"budgets": rows, "parent_before_elastic": parent_eval, "timings_s": {k: round(v, 1) for k, v in timings.items()},
-              "total_s": round(time.time() - t0, 1), "nested": _nested(rows), "chance_accuracy": "~0 (exact match)"}
+              "total_s": round(time.time() - t0, 1), "nested": _nested(rows), "chance_accuracy": "~0 (exact match)",
+              "hf_export": hf}
     _write_report(out, report)
     _say(f"done in {report['total_s']:.0f} s: {out / 'report.md'}")
     return report
@@ -110,6 +117,25 @@ def _slice_family(cfg: RunConfig, result, models_dir: Path) -> list[dict]:
     rows = slice_job(replace(cfg, checkpoint=replace(cfg.checkpoint, load=result.checkpoint)), [], str(models_dir))
     return [{"name": r["budget"], "target": int(r["target"]), "params": r["params"], "path": r["path"],
              "architecture": {"pattern": r["pattern"], **r["subnet"]}} for r in rows]
+
+
+def _export_family(cfg: RunConfig, checkpoint: str, hf_dir: Path, seed: int) -> dict:
+    """export-hf of the elastic checkpoint's family, then one held-out short problem answered by the
+    smallest exported model in stock transformers (the same answer our own decoder gives)."""
+    from .data.synthetic import STEP_RANGES, extract_answer, heldout_problems
+    from .formats.hf_jobs import export_hf_job
+    from .generate import generate_elastic, generate_hf
+
+    el = replace(cfg, checkpoint=replace(cfg.checkpoint, load=checkpoint))
+    rows = export_hf_job(el, [], str(hf_dir))
+    smallest = min(rows, key=lambda r: r["params"])
+    problem = heldout_problems(1, seed=seed, min_steps=STEP_RANGES["short"][0], max_steps=STEP_RANGES["short"][1])[0]
+    text = generate_hf(smallest["path"], [problem.prompt], max_new=120)[0]
+    ours = generate_elastic(el, smallest["budget"], [problem.prompt], max_new=120)[0]  # cut at load, our decoder
+    return {"same_as_ours": text == ours, "budget": smallest["budget"], "path": smallest["path"], "format": smallest["format"],
+            "exported": [{k: r[k] for k in ("budget", "params", "exported_params", "format", "path")} for r in rows],
+            "prompt": problem.prompt, "answer_text": text, "answer": extract_answer(text), "expected": problem.answer,
+            "correct": extract_answer(text) == problem.answer}
 
 
 def _nested(rows: list[dict]) -> bool:
@@ -172,6 +198,20 @@ def _write_report(out: Path, report: dict) -> None:
               "", f"Nested (checked in code): {report['nested']}. Exact-match accuracy by chance is ~0.",
               f"Wall time: {report['total_s']:.0f} s ({report['timings_s']}).", "",
               "![quality vs parameters](quality_vs_params.png)", ""]
+    hf = report.get("hf_export")
+    if hf:
+        load = "trust_remote_code=True" if "elastic" in hf["format"] else "stock transformers, no remote code"
+        lines += ["## The family in Hugging Face format", "",
+                  "| budget | params | exported params | format | directory |", "|---|---|---|---|---|"]
+        lines += [f"| {r['budget']} | {r['params']:,} | {r['exported_params']:,} | {r['format']} | `{r['path']}` |"
+                  for r in hf["exported"]]
+        lines += ["", f"Budget {hf['budget']} answering a held-out problem through `transformers` "
+                      f"(`AutoModelForCausalLM.from_pretrained`, {load}):", "", "```",
+                  f"{hf['prompt']}{hf['answer_text']}", "```", "",
+                  f"Answer {hf['answer']!r}, expected {hf['expected']!r}: "
+                  f"{'correct' if hf['correct'] else 'wrong'}. Our own decoder on the same budget, cut from "
+                  f"the elastic checkpoint at load time, gives {'the same text' if hf['same_as_ours'] else 'a different text'}.",
+                  ""]
     for r in report["budgets"]:
         a = r["architecture"]
         lines.append(f"- **{r['name']}**: hidden {a['hidden']}, mamba heads {a['mamba_heads']}, head dim "

@@ -26,27 +26,31 @@ def is_hf_dir(path: str) -> bool:
 def cut_budget(cfg: RunConfig, budget: str, router_path: str = ""):
     """(sliced model, its config, tokenizer, real vocab, subnet) for `budget` of the parent in checkpoint.load."""
     from .elastic.jobs import _parent, choose_family
-    from .elastic.slicing import load_full_state, slice_tensor, sliced_model_config, stage_parameters
+    from .elastic.slicing import slice_tensor, sliced_model_config, stage_parameters
+    from .elastic.subnet import Subnet
     from .formats.hf_jobs import hf_vocab
     from .model.hybrid import build_model
+    from .parallel import ParallelLayout
 
     single = replace(cfg, parallel=replace(cfg.parallel, tensor=1, pipeline=1, data=1))
     layout, tok, vocab, parent, loop = _parent(single, 1)
     (subnet, _), = choose_family(cfg, loop, vocab, [budget], router_path).values()
-    sort_tp = 1  # the parent was laid out for TP=1 when loaded
-    cut = {}
+    if subnet == Subnet.full(single.model):
+        return parent.eval(), single, tok, hf_vocab(cfg, tok.vocab_size), subnet
+    cut, dtype = {}, next(parent.parameters()).dtype
     with torch.no_grad():
         for _, gname, p in stage_parameters(parent, single, layout):
-            piece = slice_tensor(gname, p.detach(), single.model, subnet, sort_tp)
+            piece = slice_tensor(gname, p.detach(), single.model, subnet, 1)  # laid out for TP=1 when loaded
             if piece is not None:
-                cut[piece[0]] = piece[1].clone()
+                cut[piece[0]] = piece[1]  # its own storage (index_select), or a view that keeps it
             p.data = torch.empty(0, dtype=p.dtype)  # the parent's tensor is no longer needed
     del parent
     small_cfg = replace(single, model=sliced_model_config(single.model, subnet))
-    from .parallel import ParallelLayout
-
-    small = build_model(small_cfg, ParallelLayout.resolve(small_cfg, 1), vocab, torch.float32, initialize=False)
-    load_full_state(small, cut, small_cfg, layout)
+    # uninitialised storage is not resident until written, and each cut tensor is dropped once copied
+    small = build_model(small_cfg, ParallelLayout.resolve(small_cfg, 1), vocab, dtype, initialize=False)
+    with torch.no_grad():
+        for _, gname, p in stage_parameters(small, small_cfg, layout):
+            p.copy_(cut.pop(gname))
     return small.eval(), small_cfg, tok, hf_vocab(cfg, tok.vocab_size), subnet
 
 
@@ -70,7 +74,8 @@ def generate_hf(path: str, prompts: list[str], max_new: int, ids: bool = False) 
     """Greedy continuations from a Hugging Face directory (stock or elastic-megatron's modelling code)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(path)
+    # heterogeneous exports name their modelling code in config.json, which AutoTokenizer reads too
+    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=True)
     model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True, dtype=torch.float32).eval()
     out = []
     for prompt in prompts:

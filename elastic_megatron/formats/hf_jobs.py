@@ -221,8 +221,12 @@ def _finish(j: dict, cfg: RunConfig, source: dict | None, ids: dict, n_vocab: in
 
 def _readme(row: dict, vocab_trimmed: int, hidden: int) -> str:
     s = row["subnet"]
-    load = ("AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)  # per-layer widths: "
-            "modeling_nemotron_h_elastic.py" if "elastic" in row["format"] else "AutoModelForCausalLM.from_pretrained(path)")
+    remote = "elastic" in row["format"]  # per-layer widths: modeling_nemotron_h_elastic.py
+    load = "AutoModelForCausalLM.from_pretrained(path" + (", trust_remote_code=True)" if remote else ")")
+    load_tok = "AutoTokenizer.from_pretrained(path" + (", trust_remote_code=True)" if remote else ")")
+    heterogeneous = ("\n- per-layer widths (`layer_sizes` in config.json), so this directory ships its modelling code "
+                     "(`modeling_nemotron_h_elastic.py`: stock transformers NemotronH layers, each built from its own "
+                     "sizes); vLLM's NemotronH does not take per-layer Mamba sizes" if remote else "")
     trim = (f" The {vocab_trimmed} padding rows of each embedding ({2 * vocab_trimmed * hidden:,} parameters) "
             "are not exported." if vocab_trimmed else "")
     return f"""# elastic-megatron export: budget {row['budget']}
@@ -230,7 +234,7 @@ def _readme(row: dict, vocab_trimmed: int, hidden: int) -> str:
 Cut zero-shot (no further training) from `{row['source']}` by elastic-megatron.
 
 - format: {row['format']}, {row['dtype']}
-- layer pattern (M = Mamba-2, * = attention, - = MLP): `{row['pattern']}`
+- layer pattern (M = Mamba-2, * = attention, - = MLP): `{row['pattern']}`{heterogeneous}
 - parameters: {row['params']:,} in the subnet, {row['exported_params']:,} exported (target {row['target']:,.0f}).{trim}
 - subnet: hidden {s['hidden']}; Mamba heads {s['mamba_heads']}; Mamba head dim {s['mamba_head_dim']};
   attention heads {s['attn_heads']}; FFN {s['ffn']}; layers kept {sum(s['keep'])} of {len(s['keep'])}
@@ -238,7 +242,7 @@ Cut zero-shot (no further training) from `{row['source']}` by elastic-megatron.
 ```python
 from transformers import AutoModelForCausalLM, AutoTokenizer
 model = {load}
-tok = AutoTokenizer.from_pretrained(path)
+tok = {load_tok}
 ```
 """
 

@@ -269,7 +269,12 @@ def test_demo_writes_a_nested_evaluated_family(tmp_path):
     for r in saved["budgets"] + [saved["parent_before_elastic"]]:
         assert r["heldout_loss"] > 0 and 0 <= r["accuracy_short"] <= 1 and 0 <= r["accuracy_long"] <= 1
     assert saved["total_s"] > 0 and set(saved["timings_s"]) == {"parent_s", "parent_eval_s", "importance_s",
-                                                                "elastic_s", "slice_eval_s"}
+                                                                "elastic_s", "slice_eval_s", "export_s"}
+    hf = saved["hf_export"]  # the family in HF format; the smallest answered through transformers
+    assert [r["budget"] for r in hf["exported"]] == ["1.0", "0.75", "0.5"] and hf["budget"] == "0.5"
+    for r, b in zip(hf["exported"], saved["budgets"]):
+        assert (Path(r["path"]) / "config.json").exists() and r["params"] == b["params"]
+    assert hf["same_as_ours"] is True and hf["prompt"] in (out / "report.md").read_text()
 
 
 def test_demo_bad_override(tmp_path):
@@ -311,3 +316,31 @@ def load_config_for(preset: str):
     from elastic_megatron.config import load_config
 
     return load_config(preset, [])
+
+
+# ----------------------------------------------------------------------------- Hugging Face in and out
+
+def test_import_export_generate_through_the_console_script(tmp_path):
+    """import-hf -> export-hf -> generate (on the export and on the imported checkpoint) as a user types them."""
+    pytest.importorskip("transformers")
+    from tests.unit.test_hf import make_hf_parent
+
+    make_hf_parent(tmp_path / "src")
+    lines = ok(em("import-hf", str(tmp_path / "src"), "--out", str(tmp_path / "run"), "logging.wandb_mode=disabled"))
+    assert lines[0].startswith("imported ") and "pattern M-*-M-" in lines[0]
+    assert printed_path(lines, "parent checkpoint:").is_dir()
+    lines = ok(em("export-hf", "--checkpoint", str(tmp_path / "run"), "--budget", "1.0", "--out", str(tmp_path / "exp")))
+    assert lines[-1].endswith(str(tmp_path / "exp" / "budget_1p0")) and "stock transformers" in lines[-1]
+    prompt = "q: 2+3 ="
+    hf = em("generate", "--checkpoint", str(tmp_path / "exp" / "budget_1p0"), "--prompt", prompt, "--max-new", "6")
+    ours = em("generate", "--checkpoint", str(tmp_path / "run"), "--budget", "1.0", "--prompt", prompt, "--max-new", "6")
+    assert ok(hf)[-1].startswith(prompt) and ok(hf)[-1] == ok(ours)[-1]  # same continuation both ways
+    assert "falling back" not in hf.stderr and "Transformer Engine" not in ours.stderr  # CPU-only noise hidden
+
+
+def test_generate_and_export_bad_inputs(tmp_path):
+    one_line_error(em("generate", "--checkpoint", str(tmp_path), "--max-new", "4"), "--prompt")
+    one_line_error(em("export-hf", "--out", str(tmp_path / "x")), "--checkpoint")
+    one_line_error(em("export-hf", "--checkpoint", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x")),
+                   "nowhere")
+    assert not (tmp_path / "x").exists()
