@@ -119,6 +119,11 @@ def choose_family(cfg: RunConfig, loop: dict, vocab: int, budgets: list[str], ro
 
     trained = list(cfg.elastic.budgets)
     budgets = list(budgets) or trained
+    if all(parse_budget(b) == 1.0 for b in budgets):  # the parent itself: no router (nor its choices) needed
+        from ..model.hybrid import count_parameters
+        from .subnet import Subnet
+
+        return {b: (Subnet.full(cfg.model), count_parameters(cfg.model, vocab)) for b in budgets}
     order = _layer_order(cfg, loop)
     if router_path:
         use = replace(cfg, elastic=replace(cfg.elastic, budgets=budgets, subnets=[])) if budgets != trained else cfg

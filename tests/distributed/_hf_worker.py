@@ -21,6 +21,28 @@ from elastic_megatron.train.checkpoint import load_checkpoint, resolve_checkpoin
 FAST = ["logging.wandb_mode=disabled", "logging.progress=false", "model.backend=local"]
 
 
+def _check_pipeline(run: str, src: str) -> float:
+    from elastic_megatron.elastic.slicing import stage_parameters
+    from elastic_megatron.formats import hf
+    from elastic_megatron.formats.safetensors_io import HFReader
+
+    cfg = load_config(os.path.join(run, "config.yaml"), ["parallel.tensor=1", "parallel.pipeline=2"])
+    layout = ParallelLayout.resolve(cfg, 2)
+    init_distributed(layout, 0)
+    model = build_model(cfg, layout, cfg.model.vocab_size, torch.float32)
+    load_checkpoint(resolve_checkpoint(cfg.checkpoint.load), model)
+    reader, worst, seen = HFReader(src), 0.0, torch.zeros(1)
+    for _, gname, p in stage_parameters(model, cfg, layout):
+        for key, t in hf.to_hf(gname, p.detach(), cfg.model, 128).items():
+            worst = max(worst, (t - reader.get(key)).abs().max().item())
+            seen += 1
+    result = torch.tensor([worst])
+    dist.all_reduce(result, op=dist.ReduceOp.MAX)
+    dist.all_reduce(seen)
+    destroy_distributed()
+    return result.item() if seen.item() == len(reader.keys()) else float("inf")  # every tensor on some stage
+
+
 def main(src: str, run: str, export: str, out: str) -> None:
     tp = int(os.environ["WORLD_SIZE"])
     import_hf_job(src, run, None, [*FAST, f"parallel.tensor={tp}"])
@@ -40,11 +62,13 @@ def main(src: str, run: str, export: str, out: str) -> None:
     shard_numel = sum(p.numel() for p in model.parameters())
     rank = dist.get_rank()
     destroy_distributed()
+    # the same checkpoint at PP=2: every stage's tensors are the HF tensors of its layers
+    pp_diff = _check_pipeline(run, src)
     ecfg = resolve_export_config(None, run, [*FAST, f"parallel.tensor={tp}"])
     export_hf_job(ecfg, ["1.0"], export)
     if rank == 0:
         with open(out, "w") as f:
-            json.dump({"tp": tp, "max_abs_diff": diff, "shard_numel": shard_numel}, f)
+            json.dump({"tp": tp, "max_abs_diff": diff, "shard_numel": shard_numel, "pp2_max_abs_diff": pp_diff}, f)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""Hugging Face import and export under TP=2: each rank reads only its shard, logits equal transformers'."""
+"""Hugging Face import and export under TP=2 (each rank holds its shard only): logits equal transformers',
+the export gives the original tensors back, and the imported checkpoint loads exactly at PP=2."""
 
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ def test_import_and_export_at_tp2(tmp_path):
     assert proc.returncode == 0, proc.stderr[-5000:]
     r = json.loads(out.read_text())
     assert r["tp"] == 2 and r["max_abs_diff"] <= 1e-4, r
+    assert r["pp2_max_abs_diff"] == 0.0, r  # the same checkpoint loads exactly at PP=2
     src = hf_tensors(tmp_path / "src")
     assert r["shard_numel"] < 0.6 * sum(t.numel() for t in src.values())  # a rank holds about half
     back = hf_tensors(tmp_path / "exp" / "budget_1p0")
