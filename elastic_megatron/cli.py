@@ -59,7 +59,7 @@ def cmd_importance(args) -> int:
 
 
 def cmd_slice(args) -> int:
-    cfg = load_config(args.config, args.overrides)
+    cfg = _export_config(args) if args.checkpoint else load_config(args.config, args.overrides)
     from .elastic.jobs import slice_job
 
     rows = slice_job(cfg, args.budget, args.out, args.router)
@@ -205,6 +205,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.set_defaults(func=cmd_elastic)
     p = sub.add_parser("slice", help="cut budgets out of a sorted parent into standalone checkpoints")
+    p.add_argument("--checkpoint", default="", help="elastic-train / sorted run or checkpoint; its config is read "
+                                                    "from it (instead of --config + checkpoint.load)")
     _add_config_args(p)
     p.add_argument("--budget", action="append", default=[],
                    help="budget to cut (repeatable): a parameter count like 2.5M / 6B or a fraction like 0.5; "

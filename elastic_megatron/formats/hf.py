@@ -32,6 +32,7 @@ from typing import Callable
 import torch
 
 from ..config import ConfigError, ModelConfig
+from ..model import sharding
 from ..model.weights import is_pre_norm
 
 HF_LAYER_TYPES = {"linear_attention": "M", "full_attention": "*", "mlp": "-", "moe": "E"}
@@ -269,6 +270,40 @@ def to_megatron(name: str, get: Callable[[str], torch.Tensor], m: ModelConfig, p
         h = q.shape[1]
         return torch.cat([q.view(g, hpg, d, h), k.view(g, 1, d, h), v.view(g, 1, d, h)], dim=1).reshape(-1, h)
     return get(keys[0])
+
+
+def to_megatron_shard(name: str, reader, m: ModelConfig, padded_vocab: int, rank: int, tp: int) -> torch.Tensor:
+    """This TP rank's shard of parameter `name`, reading only the rows / columns of the HF tensors it
+    needs (`reader.get(key, rows=, cols=)`): equal to sharding.shard(to_megatron(...)), without
+    ever holding (or touching the file pages of) the full tensor."""
+    rule = sharding.split_rule(name)
+    if rule is None or tp == 1:
+        return sharding.shard(name, to_megatron(name, reader.get, m, padded_vocab), rank, tp, m)
+    keys, lm = hf_keys(name), sharding.layer_config(name, m)
+    kind, arg = rule
+    if kind == "blocks":  # in_proj [z | x | B | C | dt] / conv1d [x | B | C]: rank r's rows of every block
+        sizes, start, parts = sharding.blocks(arg, lm), 0, []
+        for n in sizes:
+            parts.append(reader.get(keys[0], rows=(start + rank * n // tp, start + (rank + 1) * n // tp)))
+            start += n
+        return torch.cat(parts)
+    if arg == 1:  # out_proj, o_proj, down_proj: a column range
+        n = reader.shape(keys[0])[1]
+        return reader.get(keys[0], cols=(rank * n // tp, (rank + 1) * n // tp))
+    if name in ("embedding.word_embeddings.weight", "output_layer.weight"):
+        lo, hi = rank * padded_vocab // tp, (rank + 1) * padded_vocab // tp
+        real = reader.shape(keys[0])[0]
+        t = reader.get(keys[0], rows=(min(lo, real), min(hi, real)))
+        return torch.cat([t, t.new_zeros(hi - lo - t.shape[0], t.shape[1])]) if t.shape[0] < hi - lo else t
+    if len(keys) == 3:  # whole KV groups per rank: their query heads, their k and v
+        g, hpg, d = _qkv_geometry(name, m)
+        g0, g1 = rank * g // tp, (rank + 1) * g // tp
+        q = reader.get(keys[0], rows=(g0 * hpg * d, g1 * hpg * d))
+        k, v = (reader.get(key, rows=(g0 * d, g1 * d)) for key in keys[1:])
+        h = q.shape[1]
+        return torch.cat([q.view(-1, hpg, d, h), k.view(-1, 1, d, h), v.view(-1, 1, d, h)], dim=1).reshape(-1, h)
+    n = reader.shape(keys[0])[0]
+    return reader.get(keys[0], rows=(rank * n // tp, (rank + 1) * n // tp))
 
 
 def to_hf(name: str, t: torch.Tensor, m: ModelConfig, vocab: int) -> dict[str, torch.Tensor]:

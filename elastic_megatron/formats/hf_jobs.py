@@ -26,7 +26,6 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
 from ..config import ConfigError, RunConfig, load_config, parse_budget, to_yaml
-from ..model import sharding
 from ..model.hybrid import build_model, count_parameters
 from ..parallel import ParallelLayout, destroy_distributed, init_distributed
 from ..train.checkpoint import save_checkpoint
@@ -74,10 +73,8 @@ def import_hf_job(hf_dir: str, out_dir: str, config: str | None, overrides: list
 
         tp_rank = ps.get_tensor_model_parallel_rank()
         with torch.no_grad():
-            for _, gname, p in stage_parameters(model, cfg, layout):
-                full = hf.to_megatron(gname, reader.get, cfg.model, vocab)  # one full tensor at a time
-                p.copy_(sharding.shard(gname, full, tp_rank, layout.tensor, cfg.model).to(p.dtype))
-                del full
+            for _, gname, p in stage_parameters(model, cfg, layout):  # one tensor at a time, this rank's rows
+                p.copy_(hf.to_megatron_shard(gname, reader, cfg.model, vocab, tp_rank, layout.tensor).to(p.dtype))
         out = Path(cfg.logging.out_dir)
         if _rank0():
             (out / "hf_source").mkdir(parents=True, exist_ok=True)

@@ -56,17 +56,31 @@ class HFReader:
     def keys(self) -> set[str]:
         return set(self.where)
 
-    def get(self, key: str) -> torch.Tensor:
+    def _locate(self, key: str) -> tuple[str, str]:
         if key == "lm_head.weight" and key not in self.where and self.tied:
             key = "backbone.embeddings.weight"  # tied: the output layer starts as a copy of the input one
         if key not in self.where:
             raise ConfigError(f"'{self.dir}' has no tensor '{key}'; is this a NemotronH checkpoint of the "
                               "config.json beside it?")
-        file, stored = self.where[key]
+        return self.where[key]
+
+    def get(self, key: str, rows: tuple[int, int] | None = None, cols: tuple[int, int] | None = None) -> torch.Tensor:
+        """The tensor, or only rows [lo, hi) / columns [lo, hi) of it: a TP rank then touches (and
+        holds) little more than its own shard of the file."""
+        file, stored = self._locate(key)
         try:
-            return self._open(file).get_tensor(stored)
+            if rows is None and cols is None:
+                return self._open(file).get_tensor(stored)
+            part = self._open(file).get_slice(stored)
+            if cols is not None:
+                return part[:, cols[0]:cols[1]]
+            return part[rows[0]:rows[1]]
         except SafetensorError as exc:
             raise ConfigError(f"'{self.dir / file}': cannot read '{stored}' ({exc}); the file may be truncated") from None
+
+    def shape(self, key: str) -> list[int]:
+        file, stored = self._locate(key)
+        return list(self._open(file).get_slice(stored).get_shape())
 
 
 class ShardedWriter:

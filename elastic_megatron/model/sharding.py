@@ -51,7 +51,8 @@ def layer_config(name: str, m: ModelConfig) -> ModelConfig:
     return m.for_layer(int(match.group(1))) if match and m.heterogeneous else m
 
 
-def _blocks(kind: str, m: ModelConfig) -> list[int]:
+def blocks(kind: str, m: ModelConfig) -> list[int]:
+    """Row counts of the blocks of Mamba's fused `in_proj` ([z | x | B | C | dt]) or `conv1d` ([x | B | C])."""
     d_inner = m.mamba_num_heads * m.mamba_head_dim
     bc = m.mamba_num_groups * m.mamba_state_dim
     if kind == "in_proj":
@@ -67,7 +68,7 @@ def shard(name: str, full: torch.Tensor, rank: int, size: int, m: ModelConfig) -
     kind, arg = rule
     if kind == "chunk":
         return full.chunk(size, dim=arg)[rank]
-    parts = full.split(_blocks(arg, layer_config(name, m)), dim=0)
+    parts = full.split(blocks(arg, layer_config(name, m)), dim=0)
     return torch.cat([p.chunk(size, dim=0)[rank] for p in parts], dim=0)
 
 
@@ -80,7 +81,7 @@ def unshard(name: str, pieces: list[torch.Tensor], m: ModelConfig) -> torch.Tens
     if kind == "chunk":
         return torch.cat(pieces, dim=arg)
     size = len(pieces)
-    local = [b // size for b in _blocks(arg, layer_config(name, m))]
+    local = [b // size for b in blocks(arg, layer_config(name, m))]
     split = [p.split(local, dim=0) for p in pieces]
     return torch.cat([torch.cat([s[i] for s in split], dim=0) for i in range(len(local))], dim=0)
 

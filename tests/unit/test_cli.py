@@ -161,9 +161,8 @@ def test_slice(elastic, tmp_path):
     from elastic_megatron.config import load_config
 
     ok(elastic[0])
-    cfg = elastic[1] / "config.yaml"
-    lines = ok(em("slice", "--config", str(cfg), f"checkpoint.load={elastic[1] / 'checkpoints'}",
-                  "--out", str(tmp_path / "family")))
+    # the elastic run directory alone: its checkpoint records config, budgets, router and layer order
+    lines = ok(em("slice", "--checkpoint", str(elastic[1]), "--out", str(tmp_path / "family")))
     assert len(lines) == 3  # one per budget of elastic.budgets: 1.0, 0.75, 0.5
     params = []
     for line, budget in zip(lines, ("1.0", "0.75", "0.5")):
