@@ -34,7 +34,8 @@ def _parent(cfg: RunConfig, world: int):
     init_distributed(layout, cfg.train.seed)
     tok = load_tokenizer(cfg.data.tokenizer)
     vocab = padded_vocab_size(cfg.model, tok.vocab_size, layout.tensor)
-    model = build_model(cfg, layout, vocab, run_dtype(cfg.train.precision))
+    # weights about to be loaded are not drawn first
+    model = build_model(cfg, layout, vocab, run_dtype(cfg.train.precision), initialize=not cfg.checkpoint.load)
     # a sorted parent comes out laid for this TP size, whatever TP size it was written under
     loop = load_parent(resolve_checkpoint(cfg.checkpoint.load), model, cfg, layout) if cfg.checkpoint.load else {}
     return layout, tok, vocab, model, loop

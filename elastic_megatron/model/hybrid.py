@@ -41,7 +41,8 @@ def padded_vocab_size(m: ModelConfig, tokenizer_vocab: int, tp: int) -> int:
     return ((tokenizer_vocab + multiple - 1) // multiple) * multiple
 
 
-def transformer_config(cfg: RunConfig, layout: ParallelLayout, dtype: torch.dtype) -> TransformerConfig:
+def transformer_config(cfg: RunConfig, layout: ParallelLayout, dtype: torch.dtype,
+                       initialize: bool = True) -> TransformerConfig:
     m = cfg.model
     on_cpu = not torch.cuda.is_available()
     return TransformerConfig(
@@ -72,6 +73,9 @@ def transformer_config(cfg: RunConfig, layout: ParallelLayout, dtype: torch.dtyp
         bf16=dtype == torch.bfloat16,
         pipeline_dtype=dtype,
         use_cpu_initialization=on_cpu,
+        # megatron's CPU init draws every weight as a full (TP=1) master tensor; weights about to be
+        # loaded skip it (their storage then stays unresident until written)
+        perform_initialization=initialize,
         # Fusions are CUDA kernels; megatron falls back to plain torch when they are off.
         gradient_accumulation_fusion=False,
         bias_activation_fusion=False,
@@ -98,7 +102,7 @@ def build_model(cfg: RunConfig, layout: ParallelLayout, vocab_size: int, dtype: 
     then skips drawing every full tensor on every rank)."""
     pp_rank, pp_size = ps.get_pipeline_model_parallel_rank(), ps.get_pipeline_model_parallel_world_size()
     model = MambaModel(
-        config=transformer_config(cfg, layout, dtype),
+        config=transformer_config(cfg, layout, dtype, initialize),
         mamba_stack_spec=stack_spec(resolve_backend(cfg.model.backend)),
         vocab_size=vocab_size,
         max_sequence_length=cfg.model.max_sequence_length,
