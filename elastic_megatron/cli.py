@@ -71,13 +71,9 @@ def cmd_slice(args) -> int:
 
 def cmd_elastic(args) -> int:
     cfg = load_config(args.config, args.overrides)
-    from .elastic.importance import ImportanceScores
     from .train.elastic_loop import elastic_train
 
-    order = None
-    if cfg.elastic.importance_path:
-        order = ImportanceScores.load(cfg.elastic.importance_path).layer_order
-    result = elastic_train(cfg, order)
+    result = elastic_train(cfg)  # the depth ranking comes from elastic.importance_path
     if _rank() == 0:
         print(f"elastic training done: final loss {result.losses[-1]:.4f}")
         print(f"checkpoint: {result.checkpoint}")
@@ -314,8 +310,14 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = [*args.overrides, *rest]
     if not args.verbose:
         _quiet_cpu_warnings()
+    from .train.preemption import Preempted
+
     try:
         return args.func(args)
+    except Preempted as exc:  # checkpointed at a step boundary: not success, so afterok chains wait
+        if _rank() == 0:
+            print(f"elastic-megatron: {exc}", file=sys.stderr, flush=True)
+        return 128 + exc.signum
     except (ConfigError, DataFormatError, FileNotFoundError) as exc:
         # Every rank meets the same config or input, so every rank fails alike: rank 0 says it
         # once and all of them exit 2 (torchrun then adds its own summary of the failed ranks).

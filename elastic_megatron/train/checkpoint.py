@@ -42,6 +42,18 @@ def latest_checkpoint(root: str | Path) -> Path | None:
     return path if path.is_dir() else None
 
 
+def remove_partial_saves(root: str | Path) -> list[str]:
+    """Delete `iter_*.tmp` directories under root: saves that a crash interrupted (a complete save is
+    renamed away from .tmp before `latest` names it, so none of them was ever a checkpoint). Rank 0
+    only; returns what was removed, for the run's log."""
+    if _rank() != 0 or not Path(root).is_dir():
+        return []
+    stale = sorted(p for p in Path(root).glob("iter_*.tmp") if p.is_dir())
+    for p in stale:
+        shutil.rmtree(p, ignore_errors=True)
+    return [str(p) for p in stale]
+
+
 def resolve_checkpoint(path: str | Path) -> Path:
     """A checkpoint dir as given, or the newest one under a checkpoints dir (or a run dir holding
     `checkpoints/`) whose `latest` names one; `path` itself when neither has a `latest` marker."""

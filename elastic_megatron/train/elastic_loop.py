@@ -40,10 +40,11 @@ from ..elastic.sorting import load_parent
 from ..elastic.subnet import subnet_params
 from ..model.hybrid import build_model, model_device, padded_vocab_size
 from ..parallel import ParallelLayout, destroy_distributed, init_distributed
-from .checkpoint import latest_checkpoint, resolve_checkpoint, save_checkpoint
+from .checkpoint import latest_checkpoint, remove_partial_saves, resolve_checkpoint, save_checkpoint
 from .loop import StepBatches, run_dtype, run_schedule
 from .metrics import MetricsLogger
 from .optim import build_optimizer, lr_at, set_lr, wrap_ddp
+from .preemption import Preempted, PreemptionGuard
 
 
 def draw_budget(probs: list[float], seed: int, step: int, micro: int) -> int:
@@ -66,7 +67,13 @@ class ElasticResult:
 
 
 def elastic_train(cfg: RunConfig, layer_order: list[int] | None = None) -> ElasticResult:
+    """Elastic training of the sorted parent in checkpoint.load. `layer_order`: the depth ranking
+    (most important first); default: the one in `elastic.importance_path`'s scores, if any."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    if layer_order is None and cfg.elastic.importance_path and Path(cfg.elastic.importance_path).exists():
+        from ..elastic.importance import ImportanceScores
+
+        layer_order = ImportanceScores.load(cfg.elastic.importance_path).layer_order
     layout = ParallelLayout.resolve(cfg, world)
     if layout.pipeline > 1 and cfg.distill.intermediate_layers:
         raise ConfigError("config key 'distill.intermediate_layers': intermediate-layer distillation needs the "
@@ -78,12 +85,13 @@ def elastic_train(cfg: RunConfig, layer_order: list[int] | None = None) -> Elast
                           "run `elastic-megatron importance` and pass its sorted checkpoint")
     init_distributed(layout, cfg.train.seed)
     try:
-        return _elastic_train(cfg, layout, layer_order)
+        with PreemptionGuard() as guard:  # SIGTERM / SIGUSR1: checkpoint after the step, raise Preempted
+            return _elastic_train(cfg, layout, layer_order, guard)
     finally:
         destroy_distributed()
 
 
-def _elastic_train(cfg: RunConfig, layout: ParallelLayout, layer_order) -> ElasticResult:
+def _elastic_train(cfg: RunConfig, layout: ParallelLayout, layer_order, guard: PreemptionGuard) -> ElasticResult:
     t, rank0 = cfg.train, dist.get_rank() == 0
     dtype = run_dtype(t.precision)
     tok = load_tokenizer(cfg.data.tokenizer)
@@ -118,6 +126,8 @@ def _elastic_train(cfg: RunConfig, layout: ParallelLayout, layer_order) -> Elast
     teacher.eval()
     start = 0
     resume_from = latest_checkpoint(ckpt_root) if cfg.checkpoint.resume else None
+    for stale in remove_partial_saves(ckpt_root):
+        print(f"removed {stale}: a checkpoint save that never finished (the run resumes from 'latest')", flush=True)
     if resume_from is not None:
         loop = load_parent(resume_from, student, cfg, layout, optimizer)
         start = int(loop.get("step", 0))
@@ -187,13 +197,18 @@ def _elastic_train(cfg: RunConfig, layout: ParallelLayout, layer_order) -> Elast
             logger.log(record)
             logger.progress(1, stage=stage.name, loss=record["loss"], budgets=record["budgets_seen"],
                             tok_s=round(record["tokens_per_s"]))
-            if step + 1 == stage_end or (cfg.checkpoint.save_interval and (step + 1) % cfg.checkpoint.save_interval == 0):
+            signum = guard.stop_requested(model_device(student))
+            if signum or step + 1 == stage_end or (cfg.checkpoint.save_interval and
+                                                   (step + 1) % cfg.checkpoint.save_interval == 0):
                 # with the config and the depth ranking, the checkpoint is all that slice / export-hf /
                 # generate need (budgets, router, layer order, tokenizer: checkpoint_config)
                 state = {"step": step + 1, "router": router.state_dict(), "router_opt": router_opt.state_dict(),
                          "ffn_layout_tp": layout.tensor, "layer_order": list(router.layer_order),
                          "config": to_yaml(cfg)}
                 result.checkpoint = str(save_checkpoint(ckpt_root, step + 1, student, optimizer, state))
+            if signum and step + 1 < total_steps:
+                logger.close()
+                raise Preempted(signum, step + 1, result.checkpoint)
         stage_start = stage_end
     logger.close()
     return result

@@ -27,12 +27,13 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from ..config import RunConfig, to_yaml
 from ..data.build import build_datasets
 from ..data.tokenizer import load_tokenizer
-from ..model.hybrid import build_model, count_parameters, padded_vocab_size
+from ..model.hybrid import build_model, count_parameters, model_device, padded_vocab_size
 from ..model.recompute import recompute_megatron_layers
 from ..parallel import ParallelLayout, destroy_distributed, init_distributed
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import latest_checkpoint, load_checkpoint, remove_partial_saves, save_checkpoint
 from .metrics import MetricsLogger
 from .optim import build_optimizer, lr_at, set_lr, wrap_ddp
+from .preemption import Preempted, PreemptionGuard
 
 
 def run_dtype(precision: str) -> torch.dtype:
@@ -123,12 +124,13 @@ def train(cfg: RunConfig, world_size: int | None = None) -> TrainResult:
     layout = ParallelLayout.resolve(cfg, world_size)
     init_distributed(layout, cfg.train.seed)
     try:
-        return _train(cfg, layout)
+        with PreemptionGuard() as guard:  # SIGTERM / SIGUSR1: checkpoint after the step, raise Preempted
+            return _train(cfg, layout, guard)
     finally:
         destroy_distributed()
 
 
-def _train(cfg: RunConfig, layout: ParallelLayout) -> TrainResult:
+def _train(cfg: RunConfig, layout: ParallelLayout, guard: PreemptionGuard) -> TrainResult:
     t, rank0 = cfg.train, dist.get_rank() == 0
     dtype = run_dtype(t.precision)
     tokenizer = load_tokenizer(cfg.data.tokenizer)
@@ -144,6 +146,8 @@ def _train(cfg: RunConfig, layout: ParallelLayout) -> TrainResult:
     ckpt_root = Path(cfg.checkpoint.dir or out_dir / "checkpoints")
     start_step = 0
     resume_from = latest_checkpoint(ckpt_root) if cfg.checkpoint.resume else None
+    for stale in remove_partial_saves(ckpt_root):
+        print(f"removed {stale}: a checkpoint save that never finished (the run resumes from 'latest')", flush=True)
     if resume_from is not None:
         start_step = int(load_checkpoint(resume_from, model, optimizer).get("step", 0))
     elif cfg.checkpoint.load:
@@ -182,9 +186,13 @@ def _train(cfg: RunConfig, layout: ParallelLayout) -> TrainResult:
         if t.eval_interval and ((step + 1) % t.eval_interval == 0 or step + 1 == t.steps):
             logger.log({"step": step + 1, "heldout_loss": evaluate(ddp_model, valid_ds, cfg, layout)})
         last = step + 1 == end_step
-        if last or (cfg.checkpoint.save_interval and (step + 1) % cfg.checkpoint.save_interval == 0):
+        signum = guard.stop_requested(model_device(model))
+        if last or signum or (cfg.checkpoint.save_interval and (step + 1) % cfg.checkpoint.save_interval == 0):
             path = save_checkpoint(ckpt_root, step + 1, model, optimizer, {"step": step + 1})
             result.checkpoint = str(path)
+        if signum and not last:
+            logger.close()
+            raise Preempted(signum, step + 1, result.checkpoint)
     logger.close()
     if not result.checkpoint:
         found = latest_checkpoint(ckpt_root)

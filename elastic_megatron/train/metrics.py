@@ -22,6 +22,8 @@ class MetricsLogger:
         if not enabled:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self.path.exists():
+            self._drop_after(start_step)
         self._file = open(self.path, "a", buffering=1)
         if self.cfg.wandb_mode != "disabled":
             self._wandb = _init_wandb(cfg)
@@ -29,6 +31,16 @@ class MetricsLogger:
             from tqdm.auto import tqdm
 
             self._bar = tqdm(total=total_steps, initial=start_step, desc="train", dynamic_ncols=True)
+
+    def _drop_after(self, step: int) -> None:
+        """Records of steps after the checkpoint a run resumes from were logged by a run that died
+        before saving them (kill -9); they are redone, so the file keeps only steps <= `step`."""
+        lines = self.path.read_text().splitlines()
+        keep = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
+        if len(keep) != len(lines):
+            tmp = self.path.with_suffix(".jsonl.tmp")
+            tmp.write_text("".join(line + "\n" for line in keep))
+            os.replace(tmp, self.path)
 
     def log(self, record: dict) -> None:
         if not self.enabled:

@@ -110,3 +110,68 @@ def test_bf16_elastic_run_tracks_fp32(sorted_parent, tmp_path):
             if k.endswith("/subnet"):
                 assert a[k] == b[k], (a["step"], k)
     assert (tmp_path / "bf16" / "checkpoints" / "latest").exists()
+
+
+def test_sigusr1_mid_curriculum_resumes_the_same_run(sorted_parent, tmp_path):
+    """Preemption of elastic training (SIGUSR1, in stage 1 of two): the checkpoint holds the step just
+    finished with router, router optimizer and curriculum position; the rerun's losses, budget draws
+    and subnets continue the uninterrupted run exactly."""
+    import signal
+
+    from elastic_megatron.config import load_config
+    from elastic_megatron.train.checkpoint import latest_checkpoint
+    from elastic_megatron.train.elastic_loop import elastic_train
+    from elastic_megatron.train.preemption import Preempted
+    from tests.unit.test_resume import signal_after
+
+    stages = ["curriculum.0.steps=4", "curriculum.1.steps=2", "curriculum.1.seq_length=48",
+              "curriculum.1.global_batch_size=4"]
+
+    def cfg(out):
+        return load_config(sorted_parent[1], [*sorted_parent[2:], *FAST, *stages, f"logging.out_dir={out}"])
+
+    elastic_train(cfg(tmp_path / "straight"))
+    signal_after(tmp_path / "split" / "metrics.jsonl", 2, signal.SIGUSR1)
+    with pytest.raises(Preempted) as info:
+        elastic_train(cfg(tmp_path / "split"))
+    k = info.value.step
+    assert 2 <= k < 6 and latest_checkpoint(tmp_path / "split" / "checkpoints").name == f"iter_{k:07d}"
+    elastic_train(cfg(tmp_path / "split"))
+
+    def records(run):
+        return [{key: v for key, v in json.loads(line).items() if key not in ("tokens_per_s", "time")}
+                for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+    assert records(tmp_path / "split") == records(tmp_path / "straight")
+
+    # kill -9 (no handler runs) at a step boundary with a save every step, then the same command again
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from tests.conftest import REPO
+
+    killed = tmp_path / "killed"
+    argv = [sys.executable, "-m", "elastic_megatron.cli", "elastic-train", *sorted_parent, *FAST, *stages,
+            "checkpoint.save_interval=1", f"logging.out_dir={killed}"]
+    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_PORT", "MASTER_ADDR")}  # this process's
+    log = open(tmp_path / "killed.log", "w")
+    import torch
+
+    # the same thread count as this process's runs: another one rounds differently
+    threads = str(torch.get_num_threads())
+    proc = subprocess.Popen(argv, cwd=REPO, env={**env, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": threads},
+                            stdout=log, stderr=log)
+    def logged() -> int:
+        f = killed / "metrics.jsonl"
+        return len(f.read_text().splitlines()) if f.exists() else 0
+
+    while proc.poll() is None and logged() < 3:
+        time.sleep(0.005)
+    proc.kill()
+    proc.wait()
+    newest = latest_checkpoint(killed / "checkpoints")
+    assert newest is not None and int(newest.name[5:]) < 6, (tmp_path / "killed.log").read_text()[-3000:]
+    elastic_train(cfg(killed))  # resumes from the newest complete checkpoint
+    assert records(killed) == records(tmp_path / "straight")  # steps the killed run logged but never saved: redone

@@ -69,3 +69,46 @@ def test_resume_exact_with_distributed_optimizer_dp2(tmp_path):
     run_cli([*args, f"logging.out_dir={tmp_path / 'split'}", "train.exit_at_step=3"], nproc=2)
     run_cli([*args, f"logging.out_dir={tmp_path / 'split'}"], nproc=2)
     assert read_metrics(tmp_path / "split") == read_metrics(tmp_path / "straight")
+
+
+def signal_after(metrics, records: int, signum: int) -> None:
+    """Send `signum` to this process once `metrics` holds `records` lines (a real signal, as SLURM's)."""
+    import signal  # noqa: F401
+    import threading
+    import time
+
+    def run():
+        deadline = time.time() + 300
+        while time.time() < deadline:
+            if metrics.exists() and len(metrics.read_text().splitlines()) >= records:
+                os.kill(os.getpid(), signum)
+                return
+            time.sleep(0.005)
+
+    threading.Thread(target=run, daemon=True).start()
+
+
+def test_sigterm_checkpoints_the_step_and_the_rerun_loses_nothing(tmp_path):
+    """Preemption: SIGTERM mid-run -> checkpoint of the step just finished, Preempted (exit 143 from the
+    CLI); the same command again resumes there, and the whole is the uninterrupted run, bit for bit."""
+    import signal
+
+    from elastic_megatron.train.preemption import Preempted
+
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    full = train(_cfg(straight, "train.steps=12")).losses
+    signal_after(split / "metrics.jsonl", 3, signal.SIGTERM)
+    with pytest.raises(Preempted) as info:
+        train(_cfg(split, "train.steps=12"))
+    k = info.value.step
+    assert info.value.signum == signal.SIGTERM and 3 <= k < 12
+    assert latest_checkpoint(split / "checkpoints").name == f"iter_{k:07d}"  # the last finished step: 0 lost
+    assert len(read_metrics(split)) == k
+    (split / "checkpoints" / "iter_0000011.tmp").mkdir()  # a save a crash interrupted: removed, never loaded
+    (split / "checkpoints" / "iter_0000011.tmp" / "junk.distcp").write_bytes(b"\0" * 10)
+    rest = train(_cfg(split, "train.steps=12")).losses
+    assert not (split / "checkpoints" / "iter_0000011.tmp").exists()
+    assert len(rest) == 12 - k and read_metrics(split) == full
+    a = _tensors(latest_checkpoint(straight / "checkpoints"), tmp_path)
+    b = _tensors(latest_checkpoint(split / "checkpoints"), tmp_path)
+    assert a.keys() == b.keys() and all(torch.equal(a[key], b[key]) for key in a)
