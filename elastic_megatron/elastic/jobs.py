@@ -133,13 +133,14 @@ def choose_family(cfg: RunConfig, loop: dict, vocab: int, budgets: list[str], ro
         use = cfg
         router = build_router(cfg, vocab, layer_order=order, tp=1)
         router.load_state_dict(loop["router"])
-    else:  # no trained router (or new budgets): fit one on the budget loss alone, unless no budget needs it
-        use = cfg if set(budgets) <= set(trained) else replace(cfg, elastic=replace(cfg.elastic, budgets=budgets,
-                                                                                     subnets=[]))
-        router = build_router(use, vocab, layer_order=order, tp=1)
-        fixed = router.fixed_subnets(use.elastic.subnets, 1)  # the full model and hand-picked subnets
-        names = list(use.elastic.budgets)
-        if any(names.index(b) not in fixed for b in budgets):
+    else:
+        router = None
+        if set(budgets) <= set(trained):  # a family of fixed subnets (full / hand-picked): no router to fit
+            use = cfg  # the whole family, so a budget nests the same whether asked alone or with the others
+            router = build_router(cfg, vocab, layer_order=order, tp=1)
+            router = router if len(router.fixed_subnets(cfg.elastic.subnets, 1)) == len(trained) else None
+        if router is None:  # no trained router (or new budgets): fit one to these budgets on the budget loss
+            use = replace(cfg, elastic=replace(cfg.elastic, budgets=budgets, subnets=[]))
             router = fit_router(use, vocab, order)
     family = dict(zip(use.elastic.budgets, zip(family_subnets(use, router), router.targets)))
     return {b: family[b] for b in budgets}
