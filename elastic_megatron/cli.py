@@ -89,7 +89,7 @@ def cmd_plan(args) -> int:
 
     if args.nodes < 1 or args.gpus_per_node < 1:
         raise ConfigError("--nodes and --gpus-per-node must be >= 1")
-    mem, overhead = parse_bytes(args.gpu_memory), parse_bytes(args.overhead)
+    mem, overhead = parse_bytes(args.gpu_memory), parse_bytes(args.overhead, "--overhead")
     # padded for the largest TP the plan tries (TP stays inside a node)
     vocab = padded_vocab_size(cfg.model, load_tokenizer(cfg.data.tokenizer).vocab_size, args.gpus_per_node)
     rows = plan_both_recompute(cfg, vocab, mem, args.nodes, args.gpus_per_node, overhead)
@@ -134,7 +134,7 @@ def cmd_export_hf(args) -> int:
     from .plan import parse_bytes
 
     cfg = _export_config(args)
-    rows = export_hf_job(cfg, args.budget, args.out, args.router, args.dtype, parse_bytes(args.max_shard_size))
+    rows = export_hf_job(cfg, args.budget, args.out, args.router, args.dtype, parse_bytes(args.max_shard_size, "--max-shard-size"))
     for r in rows:
         print(f"{r['budget']:>8}  params {r['params']:>14,}  exported {r['exported_params']:>14,}  "
               f"{r['format']}  -> {r['path']}")
@@ -167,8 +167,17 @@ def cmd_demo(args) -> int:
     return 0 if report["nested"] else 1
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line like every other bad input (exit 2), naming where
+    the full usage is, instead of the usage block followed by the error."""
+
+    def error(self, message: str):
+        print(f"elastic-megatron: error: {message} (see '{self.prog} -h')", file=sys.stderr, flush=True)
+        sys.exit(2)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="elastic-megatron", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="elastic-megatron", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true",
                         help="also show the warnings megatron prints where Transformer Engine / Apex are absent")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -318,7 +327,12 @@ def main(argv: list[str] | None = None) -> int:
         if _rank() == 0:
             print(f"elastic-megatron: {exc}", file=sys.stderr, flush=True)
         return 128 + exc.signum
-    except (ConfigError, DataFormatError, FileNotFoundError) as exc:
+    except KeyboardInterrupt:  # Ctrl-C outside a training step loop, or twice inside one
+        if _rank() == 0:
+            print("elastic-megatron: interrupted (SIGINT); complete checkpoints are kept, an unfinished save "
+                  "is removed when the command is run again", file=sys.stderr, flush=True)
+        return 130
+    except (ConfigError, DataFormatError, FileNotFoundError) as exc:  # CheckpointError is a ConfigError
         # Every rank meets the same config or input, so every rank fails alike: rank 0 says it
         # once and all of them exit 2 (torchrun then adds its own summary of the failed ranks).
         if _rank() == 0:

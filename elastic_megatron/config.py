@@ -491,6 +491,10 @@ def parse_budget(text: str) -> float | int:
 
 def _validate_elastic(cfg: RunConfig) -> None:
     e, r, d = cfg.elastic, cfg.router, cfg.distill
+    if not e.budgets:
+        _fail("elastic.budgets", "needs at least one budget")
+    for b in e.budgets:  # first: the curriculum's per-budget settings below are read against them
+        parse_budget(b)
     if d.temperature <= 0 or d.kd_weight < 0 or d.ce_weight < 0 or d.kd_weight + d.ce_weight == 0:
         _fail("distill.temperature", "need temperature > 0, kd_weight >= 0, ce_weight >= 0 and one weight > 0")
     bad = [i for i in d.intermediate_layers if not 0 <= i < cfg.model.num_layers]
@@ -518,10 +522,6 @@ def _validate_elastic(cfg: RunConfig) -> None:
                                          "summing to 1 (one per elastic.budgets)")
         if (st.min_steps or st.max_steps) and not 1 <= st.min_steps <= st.max_steps:
             _fail(f"{key}.min_steps", f"need 1 <= min_steps <= max_steps, got {st.min_steps}, {st.max_steps}")
-    if not e.budgets:
-        _fail("elastic.budgets", "needs at least one budget")
-    for b in e.budgets:
-        parse_budget(b)
     if e.subnets:
         if len(e.subnets) != len(e.budgets):
             _fail("elastic.subnets", f"has {len(e.subnets)} entries but elastic.budgets has {len(e.budgets)}; give "

@@ -108,13 +108,15 @@ def init_distributed(layout: ParallelLayout, seed: int) -> None:
 
     compat.install()
     if not dist.is_initialized():
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
         rank = int(os.environ.get("RANK", "0"))
         world = int(os.environ.get("WORLD_SIZE", "1"))
         if layout.backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(layout.backend, rank=rank, world_size=world, timeout=timedelta(minutes=10))
+        # one process outside torchrun: an in-memory store, so no port is bound and no MASTER_* is
+        # written into this process's environment (a subprocess it starts would inherit them)
+        store = dist.HashStore() if world == 1 and "MASTER_ADDR" not in os.environ else None
+        dist.init_process_group(layout.backend, rank=rank, world_size=world, store=store,
+                                timeout=timedelta(minutes=10))
     if dist.get_world_size() != layout.world_size:
         raise ConfigError(f"layout needs {layout.world_size} processes but {dist.get_world_size()} were launched")
     if not ps.model_parallel_is_initialized():

@@ -35,7 +35,7 @@ from .parallel import stage_sizes
 GiB = 2**30
 
 
-def parse_bytes(text: str) -> int:
+def parse_bytes(text: str, flag: str = "--gpu-memory") -> int:
     """"80GB" / "141GB" / "80GiB" / "8e10" -> bytes (GB read as GiB, as GPU memory is quoted)."""
     t = str(text).strip().upper().replace("IB", "B")
     scale = {"TB": 2**40, "GB": GiB, "MB": 2**20, "KB": 2**10}
@@ -45,7 +45,7 @@ def parse_bytes(text: str) -> int:
     try:
         return int(float(t))
     except ValueError:
-        raise ConfigError(f"--gpu-memory '{text}': give a size such as 80GB or 141GB") from None
+        raise ConfigError(f"{flag} '{text}': give a size such as 80GB, 5GB or 500MB") from None
 
 
 def layer_params(cfg: RunConfig, kind: str) -> tuple[int, int]:

@@ -78,6 +78,9 @@ def prepare_data(
     Blank lines are skipped; any other unusable line, or a file without a single document,
     raises DataFormatError naming it, and then no output file is left behind. Returns statistics about what was written.
     """
+    if not os.path.isfile(input_jsonl):
+        raise DataFormatError(f"input '{input_jsonl}' not found; give a JSONL file with one {{\"text\": ...}} "
+                              "object per line")
     tok = load_tokenizer(tokenizer_spec)
     os.makedirs(os.path.dirname(os.path.abspath(output_prefix)), exist_ok=True)
     tmp = f"{output_prefix}.tmp-{os.getpid()}"

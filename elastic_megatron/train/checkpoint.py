@@ -20,8 +20,32 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing
+from torch.distributed.checkpoint.api import CheckpointException
 
+from ..config import ConfigError
 from ..model.weights import LEGACY_NORM_KEYS
+
+
+class CheckpointError(ConfigError):
+    """A checkpoint that exists but cannot be used; the message names it and says what to do (a
+    ConfigError: checkpoint.load is configuration, and the CLI reports it the same way)."""
+
+
+def unreadable(path: str | Path, exc: Exception) -> CheckpointError:
+    """What to tell a user when dist_checkpointing could not read `path` (the library's own error is
+    a long traceback ending in e.g. EOFError or a shape mismatch deep inside torch.distributed)."""
+    failures = getattr(exc, "failures", None)  # torch's CheckpointException: {rank: (exception, traceback)}
+    if failures:
+        first = next(iter(failures.values()))
+        exc = first[0] if isinstance(first, tuple) else first
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    text = text.split(". This is an internal")[0]  # torch's zip reader appends a paragraph of advice
+    if any(s in text.lower() for s in ("shape mismatch", "size mismatch", "missing key", "unexpected key")):
+        return CheckpointError(f"'{path}' holds another model than this config builds ({text[:240]}); give the "
+                               "model.* settings it was saved with (its run's config.yaml) or another checkpoint")
+    return CheckpointError(f"'{path}' cannot be read ({type(exc).__name__}: {text[:160]}): an incomplete or "
+                           "corrupted save; point checkpoint.load at a complete checkpoint, or delete this one so "
+                           "the run resumes from the one before")
 
 
 def _barrier() -> None:
@@ -65,15 +89,27 @@ def resolve_checkpoint(path: str | Path) -> Path:
     return p
 
 
+def loop_state(ckpt: str | Path) -> dict:
+    """The loop state a checkpoint directory recorded (step, and for sorted / elastic / imported
+    models their layer order, FFN layout and config), read without loading any tensor."""
+    try:
+        return dist_checkpointing.load_common_state_dict(str(ckpt)).get("loop", {})
+    except (Exception, CheckpointException) as exc:
+        raise unreadable(ckpt, exc) from None
+
+
 def checkpoint_config(path: str | Path, overrides: list[str] | None = None):
     """The RunConfig a checkpoint was written with: the YAML its loop state records (elastic-train,
     importance and import-hf checkpoints do), else the run directory's config.yaml beside
     `checkpoints/`; dotted `overrides` on top. Raises FileNotFoundError when neither exists."""
     from ..config import load_config
 
+    if not Path(path).exists():
+        raise FileNotFoundError(f"'{path}' does not exist; give a run directory or checkpoint written by train, "
+                                "importance, elastic-train or import-hf")
     ckpt = resolve_checkpoint(path)
     if (ckpt / "metadata.json").exists():
-        loop = dist_checkpointing.load_common_state_dict(str(ckpt)).get("loop", {})
+        loop = loop_state(ckpt)
         if loop.get("config"):
             import tempfile
 
@@ -217,9 +253,12 @@ def load_checkpoint(path: str | Path, model, optimizer=None) -> dict:
         _materialize_optimizer_state(optimizer)
     state = _sharded_state(model, optimizer, is_loading=True, legacy_norms=_has_legacy_norm_keys(path))
     state["loop"] = {}
-    loaded = dist_checkpointing.load(state, str(path))
-    loop = loaded.get("loop") or dist_checkpointing.load_common_state_dict(str(path)).get("loop", {})
-    model.load_state_dict(loaded["model"])
+    try:
+        loaded = dist_checkpointing.load(state, str(path))
+        loop = loaded.get("loop") or dist_checkpointing.load_common_state_dict(str(path)).get("loop", {})
+        model.load_state_dict(loaded["model"])
+    except (Exception, CheckpointException) as exc:  # CheckpointException is a BaseException
+        raise unreadable(path, exc) from None
     if optimizer is not None:
         with torch.no_grad():  # fp32 main params are views of the model's leaf parameters
             optimizer.load_state_dict(loaded["optimizer"])

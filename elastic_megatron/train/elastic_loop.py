@@ -40,7 +40,7 @@ from ..elastic.sorting import load_parent
 from ..elastic.subnet import subnet_params
 from ..model.hybrid import build_model, model_device, padded_vocab_size
 from ..parallel import ParallelLayout, destroy_distributed, init_distributed
-from .checkpoint import latest_checkpoint, remove_partial_saves, resolve_checkpoint, save_checkpoint
+from .checkpoint import latest_checkpoint, loop_state, remove_partial_saves, resolve_checkpoint, save_checkpoint
 from .loop import StepBatches, run_dtype, run_schedule
 from .metrics import MetricsLogger
 from .optim import build_optimizer, lr_at, set_lr, wrap_ddp
@@ -83,6 +83,13 @@ def elastic_train(cfg: RunConfig, layer_order: list[int] | None = None) -> Elast
                                                              "checkpoints")):
         raise ConfigError("config key 'checkpoint.load': elastic training starts from a sorted parent; "
                           "run `elastic-megatron importance` and pass its sorted checkpoint")
+    parent = resolve_checkpoint(cfg.checkpoint.load) if cfg.checkpoint.load else None
+    if parent is not None and (parent / "metadata.json").exists() and not cfg.elastic.sort_tensor_parallel:
+        loop = loop_state(parent)
+        if not (loop.get("sorted") or loop.get("ffn_layout_tp")):  # a plain `train` / import-hf checkpoint
+            raise ConfigError(f"config key 'checkpoint.load': {parent} is not a sorted parent (every budget must be "
+                              "a prefix of its channels and heads); run `elastic-megatron importance` on it and "
+                              "pass the sorted checkpoint it writes")
     init_distributed(layout, cfg.train.seed)
     try:
         with PreemptionGuard() as guard:  # SIGTERM / SIGUSR1: checkpoint after the step, raise Preempted

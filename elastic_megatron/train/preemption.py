@@ -1,4 +1,4 @@
-"""Preemption without lost steps: SIGTERM / SIGUSR1 -> checkpoint at the next step boundary, exit.
+"""Preemption without lost steps: SIGTERM / SIGUSR1 / Ctrl-C -> checkpoint at the next step boundary, exit.
 
 SLURM sends SIGTERM on `scancel`, preemption and the time limit (and `--signal=USR1@T` before
 it); torchrun forwards SIGTERM to its workers. The handler only sets a flag. After each optimizer
@@ -6,7 +6,8 @@ step the loop asks `stop_requested()`: the ranks agree (an all-reduce MAX, so a 
 reached one rank stops every rank at the same step), the loop saves a checkpoint of the step it
 has just finished, and the job ends with `Preempted` -> exit code 128 + signal (143 for SIGTERM),
 which is not success: SLURM's `afterok` chains do not start the next job, and a requeued or
-re-run job resumes from that checkpoint with nothing redone.
+re-run job resumes from that checkpoint with nothing redone. Ctrl-C (SIGINT) does the same, so an
+interactive run stopped by hand loses nothing either; a second Ctrl-C interrupts at once.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import signal
 import torch
 import torch.distributed as dist
 
-SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
 
 class Preempted(Exception):
@@ -45,6 +46,8 @@ class PreemptionGuard:
             signal.signal(s, handler)
 
     def _handle(self, signum, frame) -> None:
+        if signum == signal.SIGINT and self.signum == signal.SIGINT:
+            raise KeyboardInterrupt  # Ctrl-C twice: stop now, without the checkpoint
         self.signum = self.signum or signum
 
     def stop_requested(self, device: torch.device) -> int:

@@ -1,9 +1,9 @@
-"""Launch scripts: launch/torchrun.sh, slurm/train.sbatch, Dockerfile.
+"""Launch scripts: launch/torchrun.sh, slurm/job.sbatch (+ train.sbatch), slurm/pipeline.sh, Dockerfile.
 
 The shell scripts run for real, with `torchrun`, `srun` and `scontrol` replaced by stubs on PATH
 that record their argv (one argument per line), so every test checks the exact command line that
-would run. No torch import, no network; the whole file takes about a second. One optional test
-(`slow`) submits a real 1-step CPU job when a SLURM controller answers on this machine.
+would run. No torch import, no network; the whole file takes about a second. The real SLURM test
+(the pipeline under slurmctld + slurmd, preempted and requeued) is tests/slurm/test_real_slurm.py.
 """
 
 from __future__ import annotations
@@ -23,7 +23,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 TORCHRUN_SH = ROOT / "launch" / "torchrun.sh"
-SBATCH = ROOT / "slurm" / "train.sbatch"
+SBATCH = ROOT / "slurm" / "job.sbatch"
+TRAIN_SBATCH = ROOT / "slurm" / "train.sbatch"
+PIPELINE = ROOT / "slurm" / "pipeline.sh"
 BASH = shutil.which("bash") or "/bin/bash"
 
 # A stub records its argv in $STUB_DIR/<name>.args (one arg per line) plus its cwd and a few
@@ -76,7 +78,7 @@ def run(cmd: list[str], env: dict[str, str], cwd: Path | None = None) -> subproc
 # --------------------------------------------------------------------------- syntax
 
 
-@pytest.mark.parametrize("script", [TORCHRUN_SH, SBATCH], ids=lambda p: p.name)
+@pytest.mark.parametrize("script", [TORCHRUN_SH, SBATCH, TRAIN_SBATCH, PIPELINE], ids=lambda p: p.name)
 def test_script_parses_with_bash_n(script):
     assert script.exists(), f"{script} is missing"
     r = subprocess.run([BASH, "-n", str(script)], capture_output=True, text=True, timeout=10)
@@ -195,7 +197,7 @@ def test_torchrun_rejects_bad_usage(stubs, args, message):
     assert recorded(stubs, "torchrun") is None
 
 
-# --------------------------------------------------------------------------- slurm/train.sbatch
+# --------------------------------------------------------------------------- slurm/job.sbatch
 
 
 def slurm_env(stubs: Path, submit_dir: Path, **extra: str) -> dict[str, str]:
@@ -208,7 +210,7 @@ def test_sbatch_builds_the_torchrun_command(stubs, tmp_path):
     submit = tmp_path / "submit"
     submit.mkdir()
     env = slurm_env(stubs, submit, CONFIG="configs/run.yaml", OUT_DIR="runs/job")
-    r = run([BASH, str(SBATCH), "train.steps=3", "logging.wandb_run_name=a b"], env, cwd=tmp_path)
+    r = run([BASH, str(SBATCH), "train", "train.steps=3", "logging.wandb_run_name=a b"], env, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert recorded(stubs, "scontrol") == ["show", "hostnames", "gpu-node[07-08]"]
     assert recorded(stubs, "srun") == [
@@ -239,7 +241,7 @@ def test_sbatch_builds_the_torchrun_command(stubs, tmp_path):
         "no-config", "container"])
 def test_sbatch_settings(stubs, tmp_path, extra, expect_in, expect_out):
     env = slurm_env(stubs, tmp_path, **extra)
-    r = run([BASH, str(SBATCH)], env, cwd=tmp_path)
+    r = run([BASH, str(SBATCH), "train"], env, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     argv = recorded(stubs, "srun")
     for item in expect_in:
@@ -251,7 +253,7 @@ def test_sbatch_settings(stubs, tmp_path, extra, expect_in, expect_out):
 
 
 def test_sbatch_passes_the_step_exit_code_on(stubs, tmp_path):
-    r = run([BASH, str(SBATCH)], slurm_env(stubs, tmp_path, STUB_RC_srun="3"), cwd=tmp_path)
+    r = run([BASH, str(SBATCH), "train"], slurm_env(stubs, tmp_path, STUB_RC_srun="3"), cwd=tmp_path)
     assert r.returncode == 3
     assert "step exited with 3" in r.stdout
 
@@ -259,7 +261,7 @@ def test_sbatch_passes_the_step_exit_code_on(stubs, tmp_path):
 def test_sbatch_refuses_to_run_outside_slurm(stubs, tmp_path):
     env = slurm_env(stubs, tmp_path)
     del env["SLURM_JOB_NODELIST"]
-    r = run([BASH, str(SBATCH)], env, cwd=tmp_path)
+    r = run([BASH, str(SBATCH), "train"], env, cwd=tmp_path)
     assert r.returncode != 0
     assert "SLURM_JOB_NODELIST" in r.stderr
     assert recorded(stubs, "srun") is None
@@ -270,7 +272,7 @@ def test_sbatch_usr1_before_time_limit(stubs, tmp_path, requeue):
     """USR1 (--signal=B:USR1@N) reaches the batch shell while srun runs: with REQUEUE=1 the job is
     requeued; either way the script keeps waiting for the step and returns its exit code."""
     env = slurm_env(stubs, tmp_path, REQUEUE=requeue, STUB_SRUN_WAIT="1", STUB_RC_srun="5")
-    p = subprocess.Popen([BASH, str(SBATCH)], env=env, cwd=tmp_path, stdout=subprocess.PIPE,
+    p = subprocess.Popen([BASH, str(SBATCH), "train"], env=env, cwd=tmp_path, stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 5
@@ -325,6 +327,149 @@ def test_sbatch_header():
     assert "--requeue" in opts
 
 
+@pytest.mark.parametrize("job, args, env, tail", [
+    ("importance", ["checkpoint.load=runs/a/parent"], {"CONFIG": "runs/a/parent/config.yaml", "OUT_DIR": "runs/a/imp"},
+     ["importance", "--config", "runs/a/parent/config.yaml", "logging.out_dir=runs/a/imp", "checkpoint.load=runs/a/parent"]),
+    ("elastic-train", ["--config", "s.yaml", "checkpoint.load=ck"], {},
+     ["elastic-train", "--config", "s.yaml", "checkpoint.load=ck"]),
+    ("slice", ["--checkpoint", "runs/a/elastic", "--out", "fam"], {"OUT_DIR": "ignored"},
+     ["slice", "--checkpoint", "runs/a/elastic", "--out", "fam"]),
+    ("export-hf", ["--checkpoint", "runs/a/elastic", "--out", "hf", "--budget", "0.5"], {"CONFIG": "ignored"},
+     ["export-hf", "--checkpoint", "runs/a/elastic", "--out", "hf", "--budget", "0.5"]),
+    ("import-hf", ["/models/nano", "--out", "runs/a/parent"], {},
+     ["import-hf", "/models/nano", "--out", "runs/a/parent"]),
+])
+def test_job_sbatch_runs_every_job(stubs, tmp_path, job, args, env, tail):
+    """The first argument selects the job; CONFIG / OUT_DIR apply to the config-taking training jobs only."""
+    r = run([BASH, str(SBATCH), job, *args], slurm_env(stubs, tmp_path, **env), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    argv = recorded(stubs, "srun")
+    assert argv[argv.index("-m"):] == ["-m", "elastic_megatron.cli", *tail]
+    assert f"({job})" in r.stdout
+
+
+@pytest.mark.parametrize("first", ["", "trian", "train.steps=3"])
+def test_job_sbatch_needs_a_job(stubs, tmp_path, first):
+    r = run([BASH, str(SBATCH), *([first] if first else [])], slurm_env(stubs, tmp_path), cwd=tmp_path)
+    assert r.returncode == 2 and "first argument must be the job" in r.stderr, (r.stdout, r.stderr)
+    assert recorded(stubs, "srun") is None
+
+
+def test_train_sbatch_is_job_sbatch_train(stubs, tmp_path):
+    """train.sbatch (kept for existing submit scripts) = job.sbatch train, same header, same process."""
+    env = slurm_env(stubs, tmp_path, REPO_DIR=str(ROOT), CONFIG="configs/run.yaml")
+    r = run([BASH, str(TRAIN_SBATCH), "train.steps=3"], env, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    argv = recorded(stubs, "srun")
+    assert argv[argv.index("-m"):] == ["-m", "elastic_megatron.cli", "train", "--config", "configs/run.yaml",
+                                        "train.steps=3"]
+    assert sbatch_header(TRAIN_SBATCH.read_text()) == sbatch_header(SBATCH.read_text())
+    assert re.search(r'^exec bash "\$REPO_DIR/slurm/job.sbatch" train "\$@"$', TRAIN_SBATCH.read_text(), re.M)
+
+
+# --------------------------------------------------------------------------- slurm/pipeline.sh
+
+# sbatch stub: records each call's argv (NUL-separated lines in sbatch.calls) and GPUS_PER_NODE,
+# answers like --parsable with ids 101, 102, ...
+SBATCH_STUB = r"""#!/usr/bin/env bash
+n=$(( $(cat "$STUB_DIR/sbatch.n" 2>/dev/null || echo 100) + 1 )); echo $n > "$STUB_DIR/sbatch.n"
+{ printf '%s\n' "GPUS_PER_NODE=${GPUS_PER_NODE-<unset>}" "$@"; printf '\0'; } >> "$STUB_DIR/sbatch.calls"
+[[ -n "${STUB_SBATCH_FAIL_AT:-}" && "$n" == "$STUB_SBATCH_FAIL_AT" ]] && { echo "sbatch: error: denied" >&2; exit 1; }
+echo "$n;localci"
+"""
+
+
+def sbatch_calls(stub_dir: Path) -> list[list[str]]:
+    f = stub_dir / "sbatch.calls"
+    return [c.strip("\n").split("\n") for c in f.read_text().split("\0") if c.strip()] if f.exists() else []
+
+
+def _job(call: list[str]) -> tuple[str, list[str]]:
+    """(the sbatch options before job.sbatch, the job's argv after it)."""
+    i = call.index(str(SBATCH))
+    return call[:i], call[i + 1:]
+
+
+@pytest.fixture
+def sbatch_stub(stubs):
+    (stubs / "sbatch").write_text(SBATCH_STUB)
+    (stubs / "sbatch").chmod(0o755)
+    return stubs
+
+
+def test_pipeline_chains_every_job_with_afterok(sbatch_stub, tmp_path):
+    run_dir = tmp_path / "fam"
+    r = run([str(PIPELINE), "--out", str(run_dir), "--config", "configs/tiny.yaml", "--budget", "0.5", "--slice",
+             "--nodes", "2", "--gpus-per-node", "4", "--elastic-args", "parallel.tensor=2 train.lr=1e-4",
+             "--train-args", "train.steps=9", "--sbatch-args", "--partition=batch --time=60", "logging.wandb_mode=offline"],
+            base_env(sbatch_stub))
+    assert r.returncode == 0, r.stderr
+    calls = sbatch_calls(sbatch_stub)
+    assert len(calls) == 5
+    (o1, train), (o2, imp), (o3, ela), (o4, exp), (o5, sl) = (_job(c[1:]) for c in calls)
+    gpus = [c[0] for c in calls]
+    assert gpus == ["GPUS_PER_NODE=4"] * 3 + ["GPUS_PER_NODE=1"] * 2  # export / slice: one process
+    for opts in (o1, o2, o3, o4, o5):
+        assert "--parsable" in opts and "--partition=batch" in opts and "--time=60" in opts
+        assert f"--output={run_dir}/logs/%x-%j.out" in opts
+    assert "--nodes=2" in o1 and "--nodes=2" in o3 and "--nodes=1" in o4 and "--nodes=1" in o5
+    assert not any(o.startswith("--dependency") for o in o1)
+    for opts, dep in ((o2, 101), (o3, 102), (o4, 103), (o5, 103)):
+        assert f"--dependency=afterok:{dep}" in opts and "--kill-on-invalid-dep=yes" in opts, opts
+    assert train == ["train", "--config", "configs/tiny.yaml", f"logging.out_dir={run_dir}/parent",
+                     "logging.wandb_mode=offline", "train.steps=9"]
+    assert imp == ["importance", "--config", f"{run_dir}/parent/config.yaml", f"checkpoint.load={run_dir}/parent",
+                   f"logging.out_dir={run_dir}/importance", "logging.wandb_mode=offline"]
+    assert ela == ["elastic-train", "--config", f"{run_dir}/importance/sorted/config.yaml",
+                   f"checkpoint.load={run_dir}/importance/sorted/checkpoints", f"logging.out_dir={run_dir}/elastic",
+                   "logging.wandb_mode=offline", "parallel.tensor=2", "train.lr=1e-4"]
+    assert exp[:6] == ["export-hf", "--checkpoint", f"{run_dir}/elastic", "--out", f"{run_dir}/hf", "--budget"]
+    assert sl[:5] == ["slice", "--checkpoint", f"{run_dir}/elastic", "--out", f"{run_dir}/family"]
+    assert (run_dir / "pipeline.jobs").read_text().split() == [
+        "parent=101", "importance=102", "elastic=103", "export=104", "slice=105"]
+    assert (run_dir / "logs").is_dir()
+
+
+def test_pipeline_from_hf_imports_instead_of_training(sbatch_stub, tmp_path):
+    hf = tmp_path / "nano"
+    hf.mkdir()
+    (hf / "config.json").write_text("{}")
+    r = run([str(PIPELINE), "--out", str(tmp_path / "fam"), "--from-hf", str(hf)], base_env(sbatch_stub))
+    assert r.returncode == 0, r.stderr
+    first = _job(sbatch_calls(sbatch_stub)[0][1:])[1]
+    assert first == ["import-hf", str(hf), "--out", str(tmp_path / "fam" / "parent")]
+    assert len(sbatch_calls(sbatch_stub)) == 4
+
+
+def test_pipeline_dry_run_submits_nothing(sbatch_stub, tmp_path):
+    r = run([str(PIPELINE), "--dry-run", "--out", str(tmp_path / "fam")], base_env(sbatch_stub))
+    assert r.returncode == 0, r.stderr
+    assert sbatch_calls(sbatch_stub) == [] and not (tmp_path / "fam").exists()
+    lines = [l for l in r.stdout.splitlines() if l.startswith("sbatch ")]
+    assert len(lines) == 4 and "--dependency=afterok:\\<train\\>" in lines[1]
+
+
+def test_pipeline_stops_when_a_submission_fails(sbatch_stub, tmp_path):
+    r = run([str(PIPELINE), "--out", str(tmp_path / "fam")], base_env(sbatch_stub, STUB_SBATCH_FAIL_AT="102"))
+    assert r.returncode != 0 and "sbatch failed for the importance job" in r.stderr
+    assert len(sbatch_calls(sbatch_stub)) == 2
+
+
+@pytest.mark.parametrize("args, message", [
+    ([], "--out RUN_DIR is required"),
+    (["--out"], "--out needs a value"),
+    (["--out", "x", "--nodes", "0"], "--nodes must be a positive integer"),
+    (["--out", "x", "--gpus-per-node", "two"], "--gpus-per-node must be a positive integer"),
+    (["--out", "x", "--from-hf", "/nowhere"], "has no config.json"),
+    (["--out", "x", "--bogus"], "unknown option '--bogus'"),
+    (["--out", "x", "steps"], "neither an option nor a dotted key=value override"),
+])
+def test_pipeline_rejects_bad_usage(sbatch_stub, tmp_path, args, message):
+    r = run([str(PIPELINE), *args], base_env(sbatch_stub), cwd=tmp_path)
+    assert r.returncode == 2 and message in r.stderr, (r.stdout, r.stderr)
+    assert sbatch_calls(sbatch_stub) == []
+
+
 # --------------------------------------------------------------------------- Dockerfile
 
 
@@ -347,59 +492,3 @@ def test_dockerfile_pins_match_pyproject():
               if l.strip() and not l.startswith("#")]
     assert ".git" in ignore and "runs/" in ignore
     assert not {"elastic_megatron", "configs", "pyproject.toml", "launch", "slurm"} & set(ignore)
-
-
-# --------------------------------------------------------------------------- real SLURM (optional)
-
-
-def _slurm_ready() -> str:
-    """'' when sbatch can submit here, else why not."""
-    for tool in ("sbatch", "scontrol", "slurmctld"):
-        if not shutil.which(tool):
-            return f"no '{tool}' on PATH: no SLURM on this machine (see /work/shared/docs/slurm_localhost.md)"
-    try:
-        r = subprocess.run(["scontrol", "ping"], capture_output=True, text=True, timeout=15)
-    except subprocess.TimeoutExpired:
-        return "'scontrol ping' timed out"
-    if r.returncode != 0 or "UP" not in r.stdout:
-        return f"slurmctld does not answer 'scontrol ping': {(r.stdout + r.stderr).strip()[:200]}"
-    if not shutil.which("torchrun"):
-        return "no torchrun on PATH for the job"
-    return ""
-
-
-@pytest.mark.slow
-@pytest.mark.distributed
-def test_sbatch_real_slurm(tmp_path):
-    """Submit the real script to a real controller: 1 CPU step on gloo, then a checkpoint."""
-    why = _slurm_ready()
-    if why:
-        pytest.skip(why)
-    nproc = 2 if (os.cpu_count() or 1) >= 2 else 1
-    out_dir = tmp_path / "run"
-    env = dict(os.environ, GPUS_PER_NODE=str(nproc), OUT_DIR=str(out_dir), REPO_DIR=str(ROOT))
-    env.pop("CONFIG", None)
-    sub = subprocess.run(
-        ["sbatch", "--parsable", "--gpus-per-node=0", f"--cpus-per-task={nproc}", "--nodes=1", "--time=10",
-         f"--output={tmp_path}/%x-%j.out", str(SBATCH), "train.steps=1", "train.eval_interval=0",
-         "logging.progress=false", "logging.wandb_mode=disabled", "parallel.backend=gloo"],
-        env=env, capture_output=True, text=True, timeout=30)
-    assert sub.returncode == 0, sub.stderr
-    job = sub.stdout.strip().split(";")[0]
-    deadline, state, line = time.monotonic() + 600, "", ""
-    while time.monotonic() < deadline:
-        line = subprocess.run(["scontrol", "-o", "show", "job", job], capture_output=True, text=True).stdout
-        state = (re.search(r"JobState=(\w+)", line) or [None, ""])[1]
-        if state not in ("PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "REQUEUED", "RESIZING", "SUSPENDED"):
-            break
-        time.sleep(0.5)
-    log = "\n".join(p.read_text() for p in tmp_path.glob("*.out"))
-    if state in ("PENDING", "RUNNING", "CONFIGURING", "COMPLETING"):
-        subprocess.run(["scancel", job], capture_output=True)
-    assert state == "COMPLETED" and " ExitCode=0:0" in line, f"job {job}: {state}\n{log[-3000:]}"
-    assert "trained 1 steps" in log
-    assert (out_dir / "checkpoints" / "iter_0000001").is_dir()
-
-
-if __name__ == "__main__":
-    sys.exit(pytest.main([__file__, "-q"]))
