@@ -28,7 +28,13 @@ def pytest_collection_modifyitems(config, items):
 
 
 def run_cli(args: list[str], nproc: int = 1, timeout: int = 600, env: dict | None = None) -> subprocess.CompletedProcess:
-    """`elastic-megatron ARGS` under torchrun with nproc ranks (gloo on CPU); raises on failure."""
+    """`elastic-megatron ARGS` under torchrun with nproc ranks (gloo on CPU); raises on failure.
+
+    One rank without extra env runs in this process instead (the console script's main(), with one
+    intra-op thread as torchrun's OMP_NUM_THREADS=1 gives a worker): the same numbers, without the
+    ~8 s of starting torchrun and a worker and importing megatron again."""
+    if nproc == 1 and env is None:
+        return _run_cli_in_process(args)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), **(env or {})}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            "-m", "elastic_megatron.cli", *args]
@@ -36,6 +42,29 @@ def run_cli(args: list[str], nproc: int = 1, timeout: int = 600, env: dict | Non
     if proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
     return proc
+
+
+def _run_cli_in_process(args: list[str]) -> subprocess.CompletedProcess:
+    import contextlib
+    import io
+
+    import torch
+
+    from elastic_megatron.cli import main
+
+    out, err, threads, cwd = io.StringIO(), io.StringIO(), torch.get_num_threads(), os.getcwd()
+    torch.set_num_threads(1)
+    os.chdir(REPO)  # relative paths mean what they mean to the subprocess (cwd=REPO)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            rc = main(list(args))
+    finally:
+        torch.set_num_threads(threads)
+        os.chdir(cwd)
+    if rc != 0:
+        raise AssertionError(f"elastic-megatron {' '.join(args)} failed ({rc}):\n{out.getvalue()[-3000:]}\n"
+                             f"{err.getvalue()[-6000:]}")
+    return subprocess.CompletedProcess(["elastic-megatron", *args], rc, out.getvalue(), err.getvalue())
 
 
 def read_metrics(out_dir: Path, key: str = "loss") -> list[float]:

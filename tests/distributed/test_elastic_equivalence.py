@@ -1,4 +1,4 @@
-"""Elastic training under DP=2, TP=2, PP=2 (even and uneven) and TP2 x PP2 on gloo ranks reproduces
+"""Elastic training under DP=2, TP=2, PP=2 (uneven) and TP2 x PP2 on gloo ranks reproduces
 the single-process run, and a sorted parent trains and slices the same whatever TP size it was
 sorted under.
 
@@ -20,7 +20,7 @@ What each 2-process run is compared against:
 - tp2_sorted_tp2: a parent sorted under TP=2 (`importance` on 2 ranks) from the same scores, under
   TP=2. Beyond matching one process, it must give exactly the numbers of tp2: both runs hold the
   same weights in memory.
-- pp2, pp2_uneven (3 + 7 layers), tp2pp2: the student and the frozen teacher pipelined together
+- pp2_uneven (3 + 7 layers: PP=2 with an uneven split), tp2pp2: the student and the frozen teacher pipelined together
   (each stage holds both; the p2p tensor is their activations side by side), the router's
   gradient parts summed over the stages, the per-budget metrics gathered from the last stage.
 Then a parent sorted under TP=2 is sliced in one process (`slice`), and every slice's forward must
@@ -62,7 +62,6 @@ LAYOUTS = {
     "dp2": (1, ["parallel.data=2"], 2),
     "tp2": (1, ["parallel.tensor=2"], 2),
     "tp2_sorted_tp2": (2, ["parallel.tensor=2"], 2),
-    "pp2": (1, ["parallel.pipeline=2"], 2),
     "pp2_uneven": (1, ["parallel.pipeline=2", "parallel.layers_in_first_stage=3"], 2),
     "tp2pp2": (1, ["parallel.tensor=2", "parallel.pipeline=2"], 4),
 }

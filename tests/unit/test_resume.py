@@ -11,7 +11,7 @@ from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 from elastic_megatron.config import load_config
 from elastic_megatron.train.checkpoint import latest_checkpoint
 from elastic_megatron.train.loop import train
-from tests.conftest import FAST, read_metrics, run_cli
+from tests.conftest import FAST, read_metrics
 
 
 def _tensors(ckpt_dir, tmp_path) -> dict[str, torch.Tensor]:
@@ -60,15 +60,6 @@ def test_resume_is_exact(tmp_path):
 def test_resume_with_no_checkpoint_starts_fresh_and_bad_load_path_is_clear(tmp_path):
     with pytest.raises(FileNotFoundError, match="not a dist_checkpointing checkpoint"):
         train(_cfg(tmp_path / "x", "train.steps=1", f"checkpoint.load={tmp_path}"))
-
-
-@pytest.mark.distributed
-def test_resume_exact_with_distributed_optimizer_dp2(tmp_path):
-    args = ["train", "train.steps=6", *FAST, "parallel.data=2", "parallel.distributed_optimizer=true"]
-    run_cli([*args, f"logging.out_dir={tmp_path / 'straight'}"], nproc=2)
-    run_cli([*args, f"logging.out_dir={tmp_path / 'split'}", "train.exit_at_step=3"], nproc=2)
-    run_cli([*args, f"logging.out_dir={tmp_path / 'split'}"], nproc=2)
-    assert read_metrics(tmp_path / "split") == read_metrics(tmp_path / "straight")
 
 
 def signal_after(metrics, records: int, signum: int) -> None:
