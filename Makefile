@@ -21,7 +21,7 @@ demo: $(STAMP)
 
 # pytest exits 5 when it collects no tests: report it instead of passing silently or failing.
 test: $(STAMP)
-	@$(PY) -m pytest -q -p no:cacheprovider tests; rc=$$?; \
+	@$(PY) -m pytest -q -rs -p no:cacheprovider tests; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests (exit 5): nothing ran"; exit 0; fi; exit $$rc
 
 test-fast: $(STAMP)

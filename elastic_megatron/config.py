@@ -184,7 +184,16 @@ class ElasticConfig:
     depth: list[float] = field(default_factory=lambda: [1.0, 0.9, 0.8])
     # Per-layer (heterogeneous) choices for these axes; the others are one choice model-wide.
     heterogeneous: list[str] = field(default_factory=lambda: ["ffn", "mamba_heads"])
-    mode: str = "hard"  # hard: compute on weight prefixes (cost ~ budget); soft: probability-weighted masks
+    # How the router's choices enter the forward while it learns (`router: learn` stages): soft
+    # (default) multiplies probability-weighted prefix masks into the full-width computation, so the
+    # task loss tells the router which size is better; hard computes on the drawn subnet's weight
+    # prefixes only (cost ~ budget) with a straight-through gate. `router: frozen` stages always run
+    # the deployed subnets hard. docs/architecture.md, "the default recipe", says why.
+    mode: str = "soft"
+    # The deployed subnet of a budget (what slice / export-hf cut, and what frozen stages train) is
+    # the router's most probable one whose exact cost is within this fraction of the target
+    # (elastic/deploy.py); 0 = the plain argmax of the router's logits, wherever it lands.
+    deploy_tolerance: float = 0.02
     importance_batches: int = 8  # calibration micro-batches for importance estimation
     importance_path: str = ""  # saved scores (.pt); empty = <logging.out_dir>/importance.pt
     depth_metric: str = "nmse"  # layer ranking: nmse (iterative normalized MSE of logits) or cosine
@@ -231,6 +240,10 @@ class StageConfig:
     # Synthetic data difficulty in this stage (written-out steps per problem); 0 = data.min/max_steps.
     min_steps: int = 0
     max_steps: int = 0
+    # learn: the router trains (elastic.mode decides soft or hard compute); frozen: the router stops,
+    # every budget runs its deployed subnet (elastic/deploy.py), sliced (hard) compute, so the
+    # subnets that will ship are the ones trained, at sliced cost on long sequences.
+    router: str = "learn"
 
 
 def _default_curriculum() -> list:
@@ -239,7 +252,7 @@ def _default_curriculum() -> list:
     return [StageConfig(name="short", steps=150),
             StageConfig(name="long", steps=50, seq_length=768, global_batch_size=8, micro_batch_size=2,
                         budget_probs=[0.5, 0.3, 0.2],
-                        min_steps=8, max_steps=12)]
+                        min_steps=8, max_steps=12, router="frozen")]
 
 
 @dataclass
@@ -504,8 +517,12 @@ def _validate_elastic(cfg: RunConfig) -> None:
         _fail("distill.intermediate_weight", f"must be >= 0, got {d.intermediate_weight}")
     if not cfg.curriculum:
         _fail("curriculum", "needs at least one stage")
+    if not 0 <= e.deploy_tolerance < 0.5:
+        _fail("elastic.deploy_tolerance", f"must be in [0, 0.5), got {e.deploy_tolerance}")
     for i, st in enumerate(cfg.curriculum):
         key = f"curriculum.{i}"
+        if st.router not in ("learn", "frozen"):
+            _fail(f"{key}.router", f"'{st.router}' is not one of learn, frozen")
         if st.steps <= 0:
             _fail(f"{key}.steps", f"must be > 0, got {st.steps}")
         if st.seq_length < 0 or st.seq_length > cfg.model.max_sequence_length:

@@ -40,7 +40,7 @@ def demo_config(out: Path, overrides: list[str]) -> RunConfig:
     return load_config(None, base + list(overrides))
 
 
-def run_demo(out_dir: str, overrides: list[str] | None = None, n_short: int = 64, n_long: int = 16) -> dict:
+def run_demo(out_dir: str, overrides: list[str] | None = None, n_short: int = 256, n_long: int = 64) -> dict:
     from .elastic.importance import ImportanceScores
     from .elastic.jobs import importance_job
     from .train.checkpoint import latest_checkpoint
@@ -61,7 +61,7 @@ def run_demo(out_dir: str, overrides: list[str] | None = None, n_short: int = 64
     timings["parent_s"] = time.time() - t0
     parent_eval = evaluate_model(str(out / "parent"), n_short, n_long, cfg.train.seed)
     _say(f"  parent: held-out loss {parent_eval['heldout_loss']:.3f}, accuracy short "
-         f"{parent_eval['accuracy_short']:.2f} long {parent_eval['accuracy_long']:.2f} (before elastic training)")
+         f"{_acc(parent_eval, 'short')} long {_acc(parent_eval, 'long')} (before elastic training)")
     timings["parent_eval_s"] = time.time() - t0 - sum(timings.values())
 
     # 2. importance + sorting
@@ -91,7 +91,7 @@ def run_demo(out_dir: str, overrides: list[str] | None = None, n_short: int = 64
     for row in rows:
         row.update(evaluate_model(row["path"], n_short, n_long, cfg.train.seed))
         _say(f"  {row['name']}: {row['params']:,} params, held-out loss {row['heldout_loss']:.3f}, "
-             f"accuracy short {row['accuracy_short']:.2f} long {row['accuracy_long']:.2f}")
+             f"accuracy short {_acc(row, 'short')} long {_acc(row, 'long')}")
     timings["slice_eval_s"] = time.time() - t0 - sum(timings.values())
     _say("6/6 exporting the family to Hugging Face; the smallest answers through transformers")
     hf = _export_family(el_cfg, result.checkpoint, out / "hf", cfg.train.seed)
@@ -177,25 +177,43 @@ def evaluate_model(model_dir: str, n_short: int, n_long: int, seed: int) -> dict
             problems = heldout_problems(n, seed=seed, min_steps=lo, max_steps=hi)
             texts = greedy_generate(model, tok, [p.prompt for p in problems], max_new,
                                     cfg.model.hybrid_override_pattern, cfg.model.norm_epsilon)
-            acc[f"accuracy_{split}"] = sum(extract_answer(t) == p.answer for t, p in zip(texts, problems)) / n
+            a = sum(extract_answer(t) == p.answer for t, p in zip(texts, problems)) / n
+            acc[f"accuracy_{split}"] = a
+            acc[f"accuracy_{split}_se"] = standard_error(a, n)
+            acc[f"n_{split}"] = n
         return {"heldout_loss": sum(losses) / len(losses), **acc}
     finally:
         destroy_distributed()
+
+
+def standard_error(acc: float, n: int) -> float:
+    """Binomial standard error of an accuracy measured on n problems: sqrt(p (1 - p) / n)."""
+    return (acc * (1 - acc) / n) ** 0.5 if n else 0.0
+
+
+def _acc(r: dict, split: str) -> str:
+    """'0.352 ± 0.030' (accuracy ± its binomial standard error)."""
+    a = r.get(f"accuracy_{split}", 0.0)
+    return f"{a:.3f} ± {r.get(f'accuracy_{split}_se', 0.0):.3f}"
 
 
 def _write_report(out: Path, report: dict) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.json").write_text(json.dumps(report, indent=1))
     lines = ["# Nemotron-Elastic demo: one parent, three nested models", "",
-             "| budget | params | target | held-out loss | accuracy short | accuracy long | pattern |",
+             "| model | params | target (off by) | held-out loss | accuracy short ± SE | accuracy long ± SE | pattern |",
              "|---|---|---|---|---|---|---|"]
-    for r in report["budgets"]:
-        lines.append(f"| {r['name']} | {r['params']:,} | {r['target']:,} | {r['heldout_loss']:.3f} | "
-                     f"{r['accuracy_short']:.2f} | {r['accuracy_long']:.2f} | `{r['architecture']['pattern']}` |")
     p = report["parent_before_elastic"]
-    lines += ["", f"The parent before elastic training: held-out loss {p['heldout_loss']:.3f}, accuracy short "
-              f"{p['accuracy_short']:.2f}, long {p['accuracy_long']:.2f}.",
-              "", f"Nested (checked in code): {report['nested']}. Exact-match accuracy by chance is ~0.",
+    lines.append(f"| parent before elastic training | {p.get('params', report['budgets'][0]['params']):,} | | "
+                 f"{p['heldout_loss']:.3f} | {_acc(p, 'short')} | {_acc(p, 'long')} | |")
+    for r in report["budgets"]:
+        off = f"{(r['params'] / r['target'] - 1) * 100:+.1f} %"
+        lines.append(f"| budget {r['name']} | {r['params']:,} | {r['target']:,} ({off}) | {r['heldout_loss']:.3f} | "
+                     f"{_acc(r, 'short')} | {_acc(r, 'long')} | `{r['architecture']['pattern']}` |")
+    n_s, n_l = p.get("n_short", 0), p.get("n_long", 0)
+    lines += ["", f"Accuracy: greedy exact match on {n_s} short and {n_l} long held-out problems, ± the "
+              "binomial standard error sqrt(p(1-p)/n); exact match by chance is ~0.",
+              "", f"Nested (checked in code): {report['nested']}.",
               f"Wall time: {report['total_s']:.0f} s ({report['timings_s']}).", "",
               "![quality vs parameters](quality_vs_params.png)", ""]
     hf = report.get("hf_export")
@@ -218,10 +236,10 @@ def _write_report(out: Path, report: dict) -> None:
                      f"{a['mamba_head_dim']}, attention heads {a['attn_heads']}, ffn {a['ffn']}, "
                      f"layers kept {sum(a['keep'])}/{len(a['keep'])}")
     (out / "report.md").write_text("\n".join(lines) + "\n")
-    _plot(out / "quality_vs_params.png", report["budgets"])
+    _plot(out / "quality_vs_params.png", report["budgets"], report["parent_before_elastic"])
 
 
-def _plot(path: Path, rows: list[dict]) -> None:
+def _plot(path: Path, rows: list[dict], parent: dict | None = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -231,8 +249,16 @@ def _plot(path: Path, rows: list[dict]) -> None:
     fig, ax = plt.subplots(1, 2, figsize=(9, 3.5))
     ax[0].plot(params, [r["heldout_loss"] for r in rows], "o-")
     ax[0].set(xlabel="parameters (M)", ylabel="held-out loss", title="loss vs size")
-    ax[1].plot(params, [r["accuracy_short"] for r in rows], "o-", label="short problems")
-    ax[1].plot(params, [r["accuracy_long"] for r in rows], "s--", label="long problems")
+    for split, style in (("short", "o-"), ("long", "s--")):
+        ax[1].errorbar(params, [r[f"accuracy_{split}"] for r in rows],
+                       yerr=[r.get(f"accuracy_{split}_se", 0.0) for r in rows], fmt=style, capsize=3,
+                       label=f"{split} problems (± SE)")
+    if parent is not None:  # the parent before elastic training, for reference
+        x = parent.get("params", rows[0]["params"]) / 1e6
+        ax[0].plot([x], [parent["heldout_loss"]], "k*", label="parent before elastic")
+        ax[1].errorbar([x], [parent["accuracy_short"]], yerr=[parent.get("accuracy_short_se", 0.0)], fmt="k*",
+                       capsize=3, label="parent before elastic (short)")
+        ax[0].legend()
     ax[1].set(xlabel="parameters (M)", ylabel="exact-match accuracy", title="accuracy vs size", ylim=(-0.02, 1.02))
     ax[1].legend()
     for r, x in zip(rows, params):

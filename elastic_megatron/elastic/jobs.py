@@ -93,11 +93,11 @@ def fit_router(cfg: RunConfig, vocab: int, layer_order, steps: int = 600):
 def family_subnets(cfg: RunConfig, router) -> list:
     """One subnet per budget of `cfg.elastic.budgets`, nested (largest first): the full model for a
     budget at or above the parent's size, the hand-picked subnet where `elastic.subnets` names one,
-    else the router's noise-free choice."""
-    from .subnet import nest_family
+    else the router's deployed choice (within elastic.deploy_tolerance of its target, elastic/deploy.py)."""
+    from .deploy import deployed_family
 
     fixed = router.fixed_subnets(cfg.elastic.subnets, 1)  # slicing runs in one process
-    return nest_family([fixed[b] if b in fixed else router.inference(b) for b in range(len(router.targets))])
+    return deployed_family(router, fixed, cfg.elastic.deploy_tolerance)
 
 
 def _layer_order(cfg: RunConfig, loop: dict):

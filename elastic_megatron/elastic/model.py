@@ -354,7 +354,10 @@ class ElasticHybrid:
             x = hidden_in if hidden_in is not None else model.decoder.input_tensor
         if soft:
             masks = masks.to(x.dtype)
-        x = x[..., :hk] if not soft else x * masks.hidden
+        if not soft:
+            x = x[..., :hk]
+        elif model.pre_process:  # a later stage receives a residual stream that is masked already
+            x = x * masks.hidden
         for i, layer in enumerate(model.decoder.layers):
             gi = self.offset + i
             if not soft and not s.keep[gi]:
@@ -389,6 +392,12 @@ class ElasticHybrid:
             out = out * masks.hidden * masks.keep[gi]
         return out * gate if gate is not None else out
 
+    def _tp_mask(self, mask: torch.Tensor) -> torch.Tensor:
+        """A soft mask that a TP rank uses only in part (its heads, its FFN rows): identity forward,
+        gradient summed over the TP ranks backward, so every rank holds the whole mask's gradient
+        (the replicated router is then averaged over TP like the gates of hard mode)."""
+        return copy_to_tensor_model_parallel_region(mask) if self.tp > 1 else mask
+
     def _norm(self, layer, kind: str, x, masks):
         """The layer's pre-norm on the kept hidden channels (its weight wherever the spec keeps it)."""
         hk = x.shape[-1]
@@ -419,8 +428,8 @@ class ElasticHybrid:
         chan_mask = None
         if masks is not None:  # [H*p] mask of this rank's channels: head mask x head-dim mask
             r = ps.get_tensor_model_parallel_rank()
-            hm = masks.mamba_heads[k].view(-1)[r * heads_l:(r + 1) * heads_l]
-            chan_mask = (hm[:, None] * masks.mamba_head_dim[k][None, :]).reshape(-1)
+            hm = self._tp_mask(masks.mamba_heads[k]).view(-1)[r * heads_l:(r + 1) * heads_l]
+            chan_mask = (hm[:, None] * self._tp_mask(masks.mamba_head_dim[k])[None, :]).reshape(-1)
             xs = xs * chan_mask
         b_, s_ = xs.shape[:2]
         y = _mixer_ops().mamba_chunk_scan_combined(
@@ -449,7 +458,7 @@ class ElasticHybrid:
         ctx = F.scaled_dot_product_attention(q, kk, v, is_causal=True)  # [b, G*a, s, d]
         if masks is not None:
             r = ps.get_tensor_model_parallel_rank()
-            hmask = masks.attn_heads[k][r * groups_l * hpg:(r + 1) * groups_l * hpg]
+            hmask = self._tp_mask(masks.attn_heads[k])[r * groups_l * hpg:(r + 1) * groups_l * hpg]
             ctx = ctx * hmask[None, :, None, None]
         ctx = ctx.permute(2, 0, 1, 3).reshape(sq, b_, -1)  # [s, b, G*a*d]
         out = _linear(ctx, att.linear_proj.weight, rows=hk, cols=proj_cols)
@@ -461,8 +470,9 @@ class ElasticHybrid:
         h = copy_to_tensor_model_parallel_region(self._norm(layer, "-", x, masks))
         inter = squared_relu(_linear(h, mlp.linear_fc1.weight, rows=f, cols=hk))
         if masks is not None:
-            r, f_l = ps.get_tensor_model_parallel_rank(), mlp.linear_fc1.weight.shape[0]
-            inter = inter * masks.ffn[k][r * f_l:(r + 1) * f_l]
+            # Under TP the sorted FFN is dealt out round-robin (elastic/sorting.py ffn_layout): row i
+            # of shard r is the neuron of importance rank i * tp + r, so the mask (by rank) is strided
+            inter = inter * self._tp_mask(masks.ffn[k])[ps.get_tensor_model_parallel_rank()::self.tp]
         out = _linear(inter, mlp.linear_fc2.weight, rows=hk, cols=f)
         return reduce_from_tensor_model_parallel_region(out)
 

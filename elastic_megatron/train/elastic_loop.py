@@ -33,6 +33,7 @@ from megatron.core import tensor_parallel
 from ..config import ConfigError, RunConfig, StageConfig, to_yaml
 from ..data.build import build_datasets
 from ..data.tokenizer import load_tokenizer
+from ..elastic.deploy import deployed_family
 from ..elastic.distill import kd_loss
 from ..elastic.model import ElasticHybrid, SoftMasks
 from ..elastic.router import all_reduce_router_grads, build_router, router_optimizer
@@ -168,6 +169,12 @@ def _elastic_train(cfg: RunConfig, layout: ParallelLayout, layer_order, guard: P
                                               max_steps=stage.max_steps or cfg.data.max_steps))
         train_ds, _ = build_datasets(stage_cfg, tok, num_train=stage.steps * gbs)
         probs = stage_probs(stage, len(names))
+        # A frozen stage runs the deployed family, computed from the router as it is now; the router
+        # does not change in it, so a resumed run computes the same family again.
+        frozen = stage.router == "frozen"
+        if frozen:
+            family = deployed_family(router, fixed, cfg.elastic.deploy_tolerance)
+            frozen_cost = [router.cost_of(s) for s in family]
         for step in range(max(start, stage_start), stage_end):
             tic = time.perf_counter()
             set_lr(optimizer, lr_at(step, sched_cfg))
@@ -182,9 +189,11 @@ def _elastic_train(cfg: RunConfig, layout: ParallelLayout, layer_order, guard: P
             decisions = []
             for gm in range(n_micro * layout.data):
                 b = draw_budget(probs, t.seed, step, gm)
-                with torch.set_grad_enabled(first <= gm < first + n_micro):
+                with torch.set_grad_enabled(first <= gm < first + n_micro and not frozen):
                     dec = router(b, step=step, total_steps=total_steps, seed=t.seed, hard=hard, micro=gm)
-                if b in fixed:  # the full model, or a hand-picked subnet: no router choice to make
+                if frozen:  # the deployed subnet, sliced compute, no router loss
+                    dec = fixed_decision(dec, family[b], frozen_cost[b])
+                elif b in fixed:  # the full model, or a hand-picked subnet: no router choice to make
                     dec = fixed_decision(dec, fixed[b], fixed_cost[b])
                 decisions.append(dec)
             mine = decisions[first:first + n_micro]
@@ -194,8 +203,9 @@ def _elastic_train(cfg: RunConfig, layout: ParallelLayout, layer_order, guard: P
             outs = run_schedule(ddp, fwd, data, n_micro, cfg, seq, micro_batch_size=mbs, p2p_width=2)
             # stages hold different parts of the router gradient (their layers' gates): sum them,
             # average over the DP x TP replicas of each part
-            all_reduce_router_grads(router, replicas=layout.data * layout.tensor)
-            router_opt.step()
+            if not frozen:  # (Adam would still move a router with zero gradients, by its moments)
+                all_reduce_router_grads(router, replicas=layout.data * layout.tensor)
+                router_opt.step()
             ok, grad_norm, _ = optimizer.step()
             record = _reduce_metrics(outs, mine, decisions, names, cfg.model, vocab)
             record.update(step=step + 1, stage=stage.name, lr=lr_at(step, sched_cfg), grad_norm=float(grad_norm or 0),

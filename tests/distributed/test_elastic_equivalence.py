@@ -10,6 +10,14 @@ loss, expected and chosen params; lr, grad norm), which budgets were drawn and t
 At the end: the router (its parameters, its Adam moments, the subnet it deploys for every budget)
 and the student's weights.
 
+Two recipes, each with its own single-process reference: the default (soft routing in stage 1, the
+deployed family frozen and trained sliced in stage 2) for dp2, tp2, tp2_sorted_tp2 and tp2pp2, and
+hard routing in both stages (the straight-through gates) for pp2_uneven. Sliced (hard) compute
+runs in every default run's stage 2. Soft mode under TP needs the router gradient of the masks a
+rank uses only in part (its heads, its FFN rows) summed over TP before the router's average, and
+under PP a later stage must not mask its (already masked) input again: both were wrong until this
+test ran soft under TP and PP.
+
 What each 2-process run is compared against:
 - dp2: the default elastic axes (FFN included) on the parent sorted at TP=1. The global batch's
   micro-batches are split over the DP ranks, so in one step the ranks run different budgets and
@@ -57,13 +65,16 @@ PARENT = [*FAST, "data.seq_length=32", "train.micro_batch_size=1", "train.global
 ELASTIC = [*FAST, "curriculum.0.steps=2",  # stage 1: seq 32, 4 micro-batches of 1 (2 per DP rank)
            "curriculum.1.steps=2", "curriculum.1.seq_length=48", "curriculum.1.global_batch_size=4",
            "curriculum.1.micro_batch_size=2", "curriculum.1.min_steps=2", "curriculum.1.max_steps=4"]
-# layout -> (the TP size its parent was sorted under, overrides of the parallel run, its processes)
+# The recipe each layout runs: the default (soft routing in stage 1, the deployed family frozen and
+# sliced in stage 2), or hard routing in both stages (the straight-through path).
+RECIPES = {"default": [], "hard": ["elastic.mode=hard", "curriculum.1.router=learn"]}
+# layout -> (the TP size its parent was sorted under, overrides of the parallel run, its processes, recipe)
 LAYOUTS = {
-    "dp2": (1, ["parallel.data=2"], 2),
-    "tp2": (1, ["parallel.tensor=2"], 2),
-    "tp2_sorted_tp2": (2, ["parallel.tensor=2"], 2),
-    "pp2_uneven": (1, ["parallel.pipeline=2", "parallel.layers_in_first_stage=3"], 2),
-    "tp2pp2": (1, ["parallel.tensor=2", "parallel.pipeline=2"], 4),
+    "dp2": (1, ["parallel.data=2"], 2, "default"),
+    "tp2": (1, ["parallel.tensor=2"], 2, "default"),
+    "tp2_sorted_tp2": (2, ["parallel.tensor=2"], 2, "default"),
+    "pp2_uneven": (1, ["parallel.pipeline=2", "parallel.layers_in_first_stage=3"], 2, "hard"),
+    "tp2pp2": (1, ["parallel.tensor=2", "parallel.pipeline=2"], 4, "default"),
 }
 TOL = 1e-5
 SKIP = {"time", "tokens_per_s"}  # wall clock
@@ -91,10 +102,12 @@ def parents(sorted_parent, sorted_parent_tp2) -> dict[int, list[str]]:
 
 
 @pytest.fixture(scope="module")
-def reference(sorted_parent, tmp_path_factory) -> Path:
-    """The single-process run, under torchrun like run_cli."""
-    out = tmp_path_factory.mktemp("elastic_single")
-    run_cli(["elastic-train", *sorted_parent, *ELASTIC, f"logging.out_dir={out}"])
+def references(sorted_parent, tmp_path_factory) -> dict[str, Path]:
+    """The single-process run of each recipe."""
+    out = {}
+    for recipe, extra in RECIPES.items():
+        out[recipe] = tmp_path_factory.mktemp(f"elastic_single_{recipe}")
+        run_cli(["elastic-train", *sorted_parent, *ELASTIC, *extra, f"logging.out_dir={out[recipe]}"])
     return out
 
 
@@ -106,9 +119,10 @@ def two_process(parents, tmp_path_factory):
     """layout -> the output dir of its 2-process run (run once per module, on first use)."""
     def get(layout: str) -> Path:
         if layout not in _RUNS:
-            sort_tp, extra, nproc = LAYOUTS[layout]
+            sort_tp, extra, nproc, recipe = LAYOUTS[layout]
             out = tmp_path_factory.mktemp(f"elastic_{layout}")
-            run_cli(["elastic-train", *parents[sort_tp], *ELASTIC, *extra, f"logging.out_dir={out}"], nproc=nproc)
+            run_cli(["elastic-train", *parents[sort_tp], *ELASTIC, *RECIPES[recipe], *extra, f"logging.out_dir={out}"],
+                    nproc=nproc)
             _RUNS[layout] = out
         return _RUNS[layout]
     return get
@@ -172,8 +186,8 @@ def deployed(args: list[str], router_state: dict) -> list[dict]:
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
-def test_two_process_elastic_run_matches_single_process(parents, reference, two_process, layout):
-    sort_tp = LAYOUTS[layout][0]
+def test_two_process_elastic_run_matches_single_process(parents, references, two_process, layout):
+    sort_tp, reference = LAYOUTS[layout][0], references[LAYOUTS[layout][3]]
     out = two_process(layout)
     ref, got = records(reference), records(out)
     # the comparison means something: steps mix budgets and several different subnets run, FFN cut too
@@ -188,12 +202,13 @@ def test_two_process_elastic_run_matches_single_process(parents, reference, two_
     assert loop["ffn_layout_tp"] == (2 if "parallel.tensor=2" in LAYOUTS[layout][1] else 1)
     assert loop_ref["ffn_layout_tp"] == 1
     steps, cfg_args = loop["step"], parents[sort_tp]
-    router_diff = weights_diff(loop["router"], loop_ref["router"], 1e-2 * steps, "router")  # router.lr 1e-2
+    router_steps = steps if LAYOUTS[layout][3] == "hard" else 2  # the default recipe freezes it after stage 1
+    router_diff = weights_diff(loop["router"], loop_ref["router"], 1e-2 * router_steps, "router")  # router.lr 1e-2
     opt, opt_ref = loop["router_opt"]["state"], loop_ref["router_opt"]["state"]
     assert opt.keys() == opt_ref.keys()
     moments_diff = 0.0
     for i, st in opt_ref.items():
-        assert float(opt[i]["step"]) == float(st["step"]) == steps
+        assert float(opt[i]["step"]) == float(st["step"]) == router_steps
         for f in ("exp_avg", "exp_avg_sq"):  # relative to the tensor's largest entry
             moments_diff = max(moments_diff, float((opt[i][f] - st[f]).abs().max() / st[f].abs().max().clamp(min=1e-30)))
     assert moments_diff <= 100 * TOL, f"{layout}: router Adam moments differ by {moments_diff:.2e} (relative)"

@@ -175,3 +175,32 @@ def test_sigusr1_mid_curriculum_resumes_the_same_run(sorted_parent, tmp_path):
     assert newest is not None and int(newest.name[5:]) < 6, (tmp_path / "killed.log").read_text()[-3000:]
     elastic_train(cfg(killed))  # resumes from the newest complete checkpoint
     assert records(killed) == records(tmp_path / "straight")  # steps the killed run logged but never saved: redone
+
+
+def test_frozen_stage_trains_the_deployed_family(sorted_parent, tmp_path):
+    """The default recipe: soft routing while the router learns, then a `router: frozen` stage that
+    runs every budget's deployed subnet (on budget within elastic.deploy_tolerance), sliced, with the
+    router untouched; `slice` then cuts exactly the subnets that stage trained."""
+    import torch
+
+    from elastic_megatron.config import load_config
+    from elastic_megatron.elastic.jobs import choose_family
+
+    stages = "curriculum=[{name: learn, steps: 2}, {name: fixed, steps: 2, router: frozen}]"
+    out = tmp_path / "run"
+    run_cli(["elastic-train", *sorted_parent, *FAST, stages, "elastic.mode=soft", "checkpoint.save_interval=0",
+             f"logging.out_dir={out}"])
+    cfg = load_config(str(out / "config.yaml"))
+    loops = {s: torch.load(out / "checkpoints" / f"iter_{s:07d}" / "common.pt", weights_only=False)["loop"]
+             for s in (2, 4)}
+    for k, v in loops[2]["router"].items():  # the frozen stage did not move the router (nor its Adam)
+        assert torch.equal(v, loops[4]["router"][k]), k
+    family = choose_family(cfg, loops[4], 64, [])
+    records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    frozen = [r for r in records if r["stage"] == "fixed"]
+    assert frozen and all(r[f"{b}/router_loss"] == 0.0 for r in frozen for b in r["budgets_seen"].split(","))
+    for r in frozen:
+        for b in r["budgets_seen"].split(","):
+            subnet, target = family[b]
+            assert r[f"{b}/subnet"] == subnet.to_dict(), b
+            assert abs(r[f"{b}/chosen_params"] / target - 1) <= cfg.elastic.deploy_tolerance, (b, r[f"{b}/chosen_params"])

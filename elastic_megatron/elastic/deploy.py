@@ -1,0 +1,130 @@
+"""The deployed family: the router's preferred subnets, moved onto their budgets.
+
+The router is trained on the *expected* cost under Gumbel noise, but what `slice` cuts is one
+subnet per budget, and the noise-free argmax of the logits can miss its target by several percent
+(measured 8.7 % under, docs/results.md): the budget loss is satisfied by a mixture, not by its mode.
+So the deployed subnet is the most probable one *whose exact cost is within `tol` of the target*:
+
+    start at the argmax (clipped to the next larger budget's subnet, so the family stays nested);
+    then, while the cost is outside [target * (1 - tol), target * (1 + tol)], move one choice on one
+    axis (one layer for a per-layer axis) down if over, up if under (or, when under, one up and one
+    down elsewhere, since a single step may overshoot): a move landing in the window first, else
+    the one giving up the least log-probability per unit of cost moved, never back to a state
+    already visited (so it ends), never outside the larger budget's subnet.
+
+Greedy, exact in cost (`router.cost_of`), deterministic: the same router state gives the same
+family on every rank and in every later job (slice, export-hf, generate), which is what lets
+training freeze it (`router: frozen` curriculum stages) and run the very subnets it will deploy.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .subnet import Subnet, nest_family
+
+
+def _limits(router, axis: str, order: list[int], cap: Optional[Subnet]) -> list[int]:
+    """Per row of `axis` (one row, or one per layer of its type): the largest position in value
+    `order` whose size fits inside `cap` (0 when none does; nest_family clips that case)."""
+    vals = router.choices.of(axis)
+    rows = router.count[axis] if axis in router.heterogeneous else 1
+    if cap is None:
+        return [len(vals) - 1] * rows
+    if axis == "hidden":
+        limits = [cap.hidden]
+    elif axis == "depth":
+        limits = [sum(cap.keep)]
+    else:
+        per_layer = list(getattr(cap, axis))
+        limits = per_layer if axis in router.heterogeneous else [min(per_layer)]
+    return [max((p for p, i in enumerate(order) if vals[i] <= lim), default=0) for lim in limits]
+
+
+def deployed_subnet(router, budget_idx: int, cap: Optional[Subnet] = None, tol: float = 0.02) -> Subnet:
+    """The subnet `slice` cuts for one budget (module docstring); `cap`: the next larger budget's."""
+    target = router.targets[budget_idx]
+    with torch.no_grad():
+        logp = {a: torch.log_softmax(z.double(), -1).cpu() for a, z in router.logits(budget_idx).items()}
+    # choices of every axis sorted by value, so "one step" means the next smaller / larger size
+    order = {a: sorted(range(len(router.choices.of(a))), key=lambda i, a=a: router.choices.of(a)[i])
+             for a in logp}
+    limit = {a: _limits(router, a, order[a], cap) for a in logp}
+    # state: per axis, per row, a position in value order; start at the argmax under the cap
+    pos = {a: [max(range(limit[a][r] + 1), key=lambda p, row=row, a=a: float(row[order[a][p]]))
+               for r, row in enumerate(lp.view(-1, lp.shape[-1]))] for a, lp in logp.items()}
+
+    def subnet(p) -> Subnet:
+        return router.to_subnet({a: torch.tensor([order[a][i] for i in rows]).view(logp[a].shape[:-1])
+                                 for a, rows in p.items()})
+
+    def score(a, r, new) -> float:
+        row = logp[a].view(-1, logp[a].shape[-1])[r]
+        return float(row[order[a][pos[a][r]]] - row[order[a][new]])  # log-probability given up (>= 0 from the mode)
+
+    cost = router.cost_of(subnet(pos))
+    lo, hi = target * (1 - tol), target * (1 + tol)
+    moves = [(a, r) for a in pos for r in range(len(pos[a]))]
+
+    def step(changes):  # [(axis, row, new position)] -> (log-probability given up, new cost) or None
+        trial = {k: list(v) for k, v in pos.items()}
+        given_up = 0.0
+        for a, r, new in changes:
+            if not 0 <= new <= limit[a][r]:
+                return None
+            given_up += score(a, r, new)
+            trial[a][r] = new
+        return given_up, router.cost_of(subnet(trial))
+
+    def state():
+        return tuple(tuple(v) for v in pos.values())
+
+    seen = {state()}
+    for _ in range(10_000):  # every accepted move leads to a state not seen before: this ends
+        if lo <= cost <= hi:
+            break
+        if cost > hi:  # one step down, the cheapest in log-probability per unit of cost saved
+            cands = [[(a, r, pos[a][r] - 1)] for a, r in moves]
+        else:  # one step up; or one up and one down elsewhere (a single step may overshoot)
+            cands = [[(a, r, pos[a][r] + 1)] for a, r in moves]
+            cands += [[(a, r, pos[a][r] + 1), (a2, r2, pos[a2][r2] - 1)]
+                      for a, r in moves for a2, r2 in moves if (a, r) != (a2, r2)]
+        best = None
+        for changes in cands:
+            got = step(changes)
+            if got is None or got[1] == cost:
+                continue
+            given_up, c = got
+            if (c < cost) != (cost > hi):  # wrong direction
+                continue
+            trial = {k: list(v) for k, v in pos.items()}
+            for a, r, new in changes:
+                trial[a][r] = new
+            if tuple(tuple(v) for v in trial.values()) in seen:
+                continue
+            # into the window first, then the least log-probability per unit of cost moved
+            key = (not lo <= c <= hi, given_up / abs(c - cost))
+            if best is None or key < best[0]:
+                best = (key, changes, c)
+        if best is None:  # no move left: as close as the choices allow
+            break
+        for a, r, new in best[1]:
+            pos[a][r] = new
+        cost = best[2]
+        seen.add(state())
+    return subnet(pos)
+
+
+def deployed_family(router, fixed: dict[int, Subnet], tol: float) -> list[Subnet]:
+    """One subnet per budget (largest first), nested: a fixed one where `fixed` has it (the full
+    model, a hand-picked subnet), else `deployed_subnet` inside the previous budget's."""
+    out: list[Subnet] = []
+    for b in range(len(router.targets)):
+        cap = out[-1] if out else None
+        if b in fixed:
+            out.append(fixed[b])
+        else:
+            out.append(deployed_subnet(router, b, cap, tol) if tol > 0 else router.inference(b))
+    return nest_family(out)  # a hand-picked subnet need not fit inside the one before it
