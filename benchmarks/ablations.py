@@ -127,7 +127,7 @@ def arm_a_d(demo: Demo, out: Path, n_short: int, n_long: int, arms: str) -> dict
     scratch_init = None
     for row in demo.rows()[1:]:  # the smaller budgets
         name, params = row["name"], row["params"]
-        elastic = {k: row[k] for k in ("params", "heldout_loss", "accuracy_short", "accuracy_long")}
+        elastic = _keep(row)
         homo = homogeneous_for_target(m, vocab, params, tp=demo.cfg.parallel.tensor)  # valid for the run's TP
         homo_path = out / f"homogeneous_{name}.json"
         homo_path.parent.mkdir(parents=True, exist_ok=True)
@@ -159,7 +159,7 @@ def arm_b(demo: Demo, out: Path, n_short: int, n_long: int) -> dict:
     fam = {r["name"]: Subnet.from_dict(r["architecture"]) for r in demo.rows()}
     s1 = slice_eval(demo.cfg, str(demo.stage1_ckpt), fam, out / "stage1_family", n_short, n_long)
     return {r["name"]: {"stage1": s1[r["name"]],
-                        "stage1+2": {k: r[k] for k in ("params", "heldout_loss", "accuracy_short", "accuracy_long")}}
+                        "stage1+2": _keep(r)}
             for r in demo.rows()}
 
 
@@ -178,7 +178,7 @@ def arm_c(demo: Demo, out: Path, n_short: int, n_long: int) -> dict:
     cfg = _run_cfg(demo.cfg, run, curriculum=stages)
     ckpt = elastic_train(cfg, demo.order).checkpoint
     uni = slice_eval(demo.cfg, ckpt, family_from_checkpoint(demo.cfg, ckpt), run / "family", n_short, n_long)
-    return {r["name"]: {"weighted": {k: r[k] for k in ("params", "heldout_loss", "accuracy_short", "accuracy_long")},
+    return {r["name"]: {"weighted": _keep(r),
                         "uniform": uni[r["name"]]} for r in demo.rows()}
 
 
@@ -205,13 +205,28 @@ def arm_e(demo: Demo, out: Path, n_short: int) -> dict:
 
 # ----------------------------------------------------------------------------- report
 
+KEPT = ("params", "heldout_loss", "accuracy_short", "accuracy_long", "accuracy_short_se", "accuracy_long_se",
+        "n_short", "n_long")
+
+
+def _keep(r: dict) -> dict:
+    """What an arm reports of an evaluation row: sizes, loss, accuracies with their standard errors."""
+    return {k: r[k] for k in KEPT if k in r}
+
 def write_markdown(path: Path, res: dict) -> None:
     f = lambda v: f"{v:.3f}" if isinstance(v, float) else str(v)  # noqa: E731
     cols = ("params", "heldout_loss", "accuracy_short", "accuracy_long")
-    head = "| params | held-out loss | accuracy short | accuracy long |"
+    head = "| params | held-out loss | accuracy short ± SE | accuracy long ± SE |"
+
+    def cell(r, c):
+        if c == "params":
+            return f"{r['params']:,}"
+        if c.startswith("accuracy") and f"{c}_se" in r:  # the binomial standard error beside every accuracy
+            return f"{r[c]:.3f} ± {r[c + '_se']:.3f}"
+        return f(r.get(c, "-"))
 
     def row(label, r):
-        return f"| {label} | " + " | ".join(f(r.get(c, "-")) if c != "params" else f"{r['params']:,}" for c in cols) + " |"
+        return f"| {label} | " + " | ".join(cell(r, c) for c in cols) + " |"
 
     lines = ["# Ablations (measured)", ""]
     if "a" in res:
@@ -232,12 +247,12 @@ def write_markdown(path: Path, res: dict) -> None:
         lines += ["## (e) depth ranking: normalized MSE vs cosine (k least important layers dropped, zero-shot)", "",
                   f"Layer order, most important first: nmse {res['e']['orders']['nmse']}, "
                   f"cosine {res['e']['orders']['cosine']}.", "",
-                  "| layers dropped | metric | dropped | params | held-out loss | accuracy short |", "|---|---|---|---|---|---|"]
+                  "| layers dropped | metric | dropped | params | held-out loss | accuracy short ± SE |", "|---|---|---|---|---|---|"]
         for k in ("drop1", "drop2", "drop3"):
             for metric in ("nmse", "cosine"):
                 r = res["e"][metric][k]
                 lines.append(f"| {k[-1]} | {metric} | {r['dropped']} | {r['params']:,} | {r['heldout_loss']:.3f} | "
-                             f"{r['accuracy_short']:.3f} |")
+                             f"{cell(r, 'accuracy_short')} |")
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -246,8 +261,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--demo", default="demo_out", help="the demo's output directory")
     ap.add_argument("--out", default="ablations_out")
     ap.add_argument("--arms", default="a,b,c,d,e", help="comma-separated subset of a,b,c,d,e")
-    ap.add_argument("--n-short", type=int, default=64, help="short held-out problems per evaluation")
-    ap.add_argument("--n-long", type=int, default=16, help="long held-out problems per evaluation")
+    ap.add_argument("--n-short", type=int, default=256, help="short held-out problems per evaluation")
+    ap.add_argument("--n-long", type=int, default=64, help="long held-out problems per evaluation")
     args = ap.parse_args(argv)
     arms = set(args.arms.split(","))
     demo, out = Demo(Path(args.demo)), Path(args.out)
