@@ -21,7 +21,9 @@ difference changes:
 (d) router-chosen vs hand-picked homogeneous architecture at equal parameters: both pruned from the
     sorted parent and distilled alone with the same tokens (the homogeneous arm is (a)(i));
 (e) depth ranking by iterative normalized MSE of the logits vs by cosine similarity: the parent
-    with its k least important layers dropped (k = 1, 2, 3), zero-shot.
+    with its k least important layers dropped (k = 1, 2, 3), zero-shot;
+(f) routing: the demo's family (the default recipe) vs the router learning in both stages in hard
+    mode and in soft mode, each deployed as the plain argmax (the behaviour before the default).
 
 Each arm writes OUT/<arm>/...; the summary goes to OUT/ablations.json and OUT/ablations.md, and
 the last line of stdout is the JSON.
@@ -182,6 +184,24 @@ def arm_c(demo: Demo, out: Path, n_short: int, n_long: int) -> dict:
                         "uniform": uni[r["name"]]} for r in demo.rows()}
 
 
+def arm_f(demo: Demo, out: Path, n_short: int, n_long: int) -> dict:
+    """Routing: the default recipe (the demo's family) vs the router learning in both stages, hard
+    or soft, each deployed as the plain argmax (elastic.deploy_tolerance=0, as before the default)."""
+    from elastic_megatron.elastic.jobs import family_from_checkpoint
+    from elastic_megatron.train.elastic_loop import elastic_train
+
+    res = {r["name"]: {"default": _keep(r)} for r in demo.rows()}
+    for mode in ("hard", "soft"):
+        stages = [replace(st, router="learn") for st in demo.cfg.curriculum]
+        el = replace(demo.cfg.elastic, mode=mode, deploy_tolerance=0.0)
+        cfg = _run_cfg(demo.cfg, out / mode, elastic=el, curriculum=stages)
+        ckpt = elastic_train(cfg, demo.order).checkpoint
+        fam = slice_eval(cfg, ckpt, family_from_checkpoint(cfg, ckpt), out / mode / "family", n_short, n_long)
+        for name, r in fam.items():
+            res[name][mode] = r
+    return res
+
+
 def arm_e(demo: Demo, out: Path, n_short: int) -> dict:
     from elastic_megatron.elastic.jobs import importance_job
     from elastic_megatron.elastic.subnet import Subnet
@@ -237,7 +257,9 @@ def write_markdown(path: Path, res: dict) -> None:
         lines.append("")
     for key, title, arms in (("b", "(b) stage 1 only vs stage 1 + 2", ("stage1", "stage1+2")),
                              ("c", "(c) uniform vs weighted stage-2 sampling", ("uniform", "weighted")),
-                             ("d", "(d) router-chosen vs hand-picked homogeneous architecture", ("router", "homogeneous"))):
+                             ("d", "(d) router-chosen vs hand-picked homogeneous architecture", ("router", "homogeneous")),
+                             ("f", "(f) routing: the default recipe vs hard and soft routing in both stages (argmax deployed)",
+                              ("default", "hard", "soft"))):
         if key in res:
             lines += [f"## {title}", "", "| budget / arm " + head, "|---|---|---|---|---|"]
             for name, r in res[key].items():
@@ -260,7 +282,7 @@ def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--demo", default="demo_out", help="the demo's output directory")
     ap.add_argument("--out", default="ablations_out")
-    ap.add_argument("--arms", default="a,b,c,d,e", help="comma-separated subset of a,b,c,d,e")
+    ap.add_argument("--arms", default="a,b,c,d,e,f", help="comma-separated subset of a,b,c,d,e,f")
     ap.add_argument("--n-short", type=int, default=256, help="short held-out problems per evaluation")
     ap.add_argument("--n-long", type=int, default=64, help="long held-out problems per evaluation")
     args = ap.parse_args(argv)
@@ -279,6 +301,9 @@ def main(argv=None) -> dict:
     if "c" in arms:
         say("(c): stage 2 with uniform budget sampling")
         res["c"] = arm_c(demo, out / "c", args.n_short, args.n_long)
+    if "f" in arms:
+        say("(f): routing modes")
+        res["f"] = arm_f(demo, out / "f", args.n_short, args.n_long)
     if "e" in arms:
         say("(e): depth ranking metrics")
         res["e"] = arm_e(demo, out / "e", args.n_short)
