@@ -68,7 +68,10 @@ def deployed_subnet(router, budget_idx: int, cap: Optional[Subnet] = None, tol: 
     lo, hi = target * (1 - tol), target * (1 + tol)
     moves = [(a, r) for a in pos for r in range(len(pos[a]))]
 
-    def step(changes):  # [(axis, row, new position)] -> (log-probability given up, new cost) or None
+    def state(p) -> tuple:
+        return tuple(tuple(v) for v in p.values())
+
+    def step(changes):  # [(axis, row, new position)] -> (log-probability given up, new cost, new state) or None
         trial = {k: list(v) for k, v in pos.items()}
         given_up = 0.0
         for a, r, new in changes:
@@ -76,12 +79,11 @@ def deployed_subnet(router, budget_idx: int, cap: Optional[Subnet] = None, tol: 
                 return None
             given_up += score(a, r, new)
             trial[a][r] = new
-        return given_up, router.cost_of(subnet(trial))
+        if state(trial) in seen:  # never back to a state already visited: the search ends
+            return None
+        return given_up, router.cost_of(subnet(trial)), state(trial)
 
-    def state():
-        return tuple(tuple(v) for v in pos.values())
-
-    seen = {state()}
+    seen = {state(pos)}
     for _ in range(10_000):  # every accepted move leads to a state not seen before: this ends
         if lo <= cost <= hi:
             break
@@ -96,24 +98,19 @@ def deployed_subnet(router, budget_idx: int, cap: Optional[Subnet] = None, tol: 
             got = step(changes)
             if got is None or got[1] == cost:
                 continue
-            given_up, c = got
+            given_up, c, _ = got
             if (c < cost) != (cost > hi):  # wrong direction
-                continue
-            trial = {k: list(v) for k, v in pos.items()}
-            for a, r, new in changes:
-                trial[a][r] = new
-            if tuple(tuple(v) for v in trial.values()) in seen:
                 continue
             # into the window first, then the least log-probability per unit of cost moved
             key = (not lo <= c <= hi, given_up / abs(c - cost))
             if best is None or key < best[0]:
-                best = (key, changes, c)
+                best = (key, changes, c, got[2])
         if best is None:  # no move left: as close as the choices allow
             break
         for a, r, new in best[1]:
             pos[a][r] = new
         cost = best[2]
-        seen.add(state())
+        seen.add(best[3])
     return subnet(pos)
 
 

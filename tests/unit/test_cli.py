@@ -117,6 +117,20 @@ def test_train_bad_config_key(tmp_path):
     assert not out.exists()
 
 
+def test_truncated_checkpoint_is_one_line_through_the_console_script(trained, tmp_path):
+    """What a user sees after a half-written copy: one line, not torch's 70-line CheckpointException
+    (the 49-case table runs in-process; this one goes through the process a user starts)."""
+    ok(trained[0])
+    broken = tmp_path / "broken"
+    shutil.copytree(trained[1], broken)
+    shard = sorted(broken.rglob("*.distcp"))[0]
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 10])
+    out = tmp_path / "imp"
+    one_line_error(em("importance", *PARENT, f"checkpoint.load={broken}", f"logging.out_dir={out}"),
+                   "cannot be read", "incomplete or corrupted save")
+    assert not out.exists()
+
+
 def test_verbose_shows_megatron_warnings(tmp_path):
     proc = em("--verbose", "train", *PARENT, "train.steps=1", f"logging.out_dir={tmp_path}")
     ok(proc)
