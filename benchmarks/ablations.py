@@ -12,7 +12,9 @@ difference changes:
 
 (a) the elastic family vs each smaller size made separately, (i) by prune + distill: the sorted
     parent cut to a hand-picked homogeneous architecture of the same parameter count and
-    distilled on its own, and (ii) from scratch: the same architecture from random init, distilled
+    distilled on its own with the family's tokens (equal tokens per model), (iii) the same with only
+    this size's share of the family's tokens (each stage's steps x the size's sampling probability:
+    equal TOTAL tokens), and (ii) from scratch: the same architecture from random init, distilled
     from the same teacher;
 (b) stage 1 only vs stage 1 + 2: the final family's architectures cut from the stage-1 checkpoint
     vs from the final one (long-problem accuracy per budget);
@@ -20,11 +22,15 @@ difference changes:
     uniform probabilities (the paper's claim concerns the largest model);
 (d) router-chosen vs hand-picked homogeneous architecture at equal parameters: both pruned from the
     sorted parent and distilled alone with the same tokens (the homogeneous arm is (a)(i));
-(e) depth ranking by iterative normalized MSE of the logits vs by cosine similarity: the parent
-    with its k least important layers dropped (k = 1, 2, 3), zero-shot;
+(e) depth ranking by iterative normalized MSE of the logits vs by cosine similarity vs by the same
+    iterative removal scored with KL(full || removed), each with the demo's 4 and with 32
+    calibration batches, and the single-layer ground truth (held-out loss with one layer dropped):
+    the parent with its k least important layers dropped (k = 1, 2, 3), zero-shot;
 (f) routing: the demo's family (the default recipe) vs the router learning in both stages in hard
     mode and in soft mode, each deployed as the plain argmax (the behaviour before the default).
 
+`--seed S` reruns every trained arm, and the demo's elastic run itself, with training seed S (the
+held-out problems stay the demo's): the second seed for differences within two standard errors.
 Each arm writes OUT/<arm>/...; the summary goes to OUT/ablations.json and OUT/ablations.md, and
 the last line of stdout is the JSON.
 """
@@ -54,13 +60,16 @@ def say(msg: str) -> None:
 class Demo:
     """What the demo run left in its directory."""
 
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, seed: int | None = None):
         self.root = root
         report = root / "report.json"
         if not report.exists():
             raise SystemExit(f"{report} not found: run `elastic-megatron demo --out {root}` first")
         self.report = json.loads(report.read_text())
         self.cfg = load_config(str(root / "elastic" / "config.yaml"))
+        self.eval_seed = self.cfg.train.seed  # the held-out problems stay the demo's whatever the training seed
+        if seed is not None:  # another training seed: data order, budget draws and router noise change
+            self.cfg = replace(self.cfg, train=replace(self.cfg.train, seed=seed))
         self.sorted_ckpt = self.cfg.checkpoint.load
         from elastic_megatron.elastic.importance import ImportanceScores
 
@@ -71,17 +80,44 @@ class Demo:
     def rows(self) -> list[dict]:
         return self.report["budgets"]
 
+    def retrain_family(self, out: Path, n_short: int, n_long: int) -> None:
+        """The demo's elastic run again under this training seed (same parent, sorting and
+        curriculum); its family replaces the demo's rows and its stage-1 checkpoint the demo's."""
+        from elastic_megatron.demo import _slice_family
+        from elastic_megatron.train.elastic_loop import elastic_train
+
+        cfg = _run_cfg(self.cfg, out)
+        result = elastic_train(cfg, self.order)
+        rows = _slice_family(cfg, result, out / "models")
+        for row in rows:
+            row.update(evaluate_model(row["path"], n_short, n_long, self.eval_seed))
+        self.report = {**self.report, "budgets": rows}
+        self.stage1_ckpt = out / "checkpoints" / f"iter_{self.stage1_steps:07d}"
+
 
 def _run_cfg(cfg: RunConfig, out: Path, **changes) -> RunConfig:
     return replace(cfg, logging=replace(cfg.logging, out_dir=str(out), progress=False, wandb_mode="disabled"),
                    checkpoint=replace(cfg.checkpoint, dir="", resume=True), **changes)
 
 
-def train_fixed(demo: Demo, out: Path, budget: str, spec: str, init_ckpt: str) -> str:
-    """Distill one fixed subnet (a hand-picked architecture) alone with the demo's curriculum."""
+def share_of_family(cfg: RunConfig, budget: str) -> list[int]:
+    """Per curriculum stage, the steps the family spent on `budget`: the stage's steps x the
+    budget's sampling probability there (stage 1 uniform: 1/3; stage 2: 0.3 for 0.75, 0.2 for
+    0.5). A model trained alone for those steps sees the family's tokens for that size."""
+    from elastic_megatron.train.elastic_loop import stage_probs
+
+    b = list(cfg.elastic.budgets).index(budget)
+    return [max(1, round(st.steps * stage_probs(st, len(cfg.elastic.budgets))[b])) for st in cfg.curriculum]
+
+
+def train_fixed(demo: Demo, out: Path, budget: str, spec: str, init_ckpt: str, steps: list[int] | None = None) -> str:
+    """Distill one fixed subnet (a hand-picked architecture) alone with the demo's curriculum
+    (`steps`: per-stage step counts in place of the curriculum's)."""
     from elastic_megatron.train.elastic_loop import elastic_train
 
     stages = [replace(st, budget_probs=[]) for st in demo.cfg.curriculum]
+    if steps is not None:
+        stages = [replace(st, steps=n) for st, n in zip(stages, steps)]
     el = replace(demo.cfg.elastic, budgets=[budget], subnets=[spec])
     cfg = _run_cfg(demo.cfg, out, elastic=el, curriculum=stages,
                    distill=replace(demo.cfg.distill, teacher=demo.sorted_ckpt))
@@ -106,13 +142,16 @@ def random_init_checkpoint(cfg: RunConfig, out: Path) -> str:
         destroy_distributed()
 
 
+EVAL_SEED = 1234  # main() sets it to the demo's seed: every arm is evaluated on the same problems
+
+
 def slice_eval(cfg: RunConfig, ckpt: str, named: dict, out: Path, n_short: int, n_long: int) -> dict:
     """Cut each named subnet out of `ckpt` and evaluate it: {name: {params, heldout_loss, accuracy_*}}."""
     from elastic_megatron.elastic.jobs import slice_subnets
 
     cfg = replace(cfg, checkpoint=replace(cfg.checkpoint, load=str(ckpt)))
     rows = slice_subnets(cfg, named, str(out))
-    return {r["budget"]: {"params": r["params"], **evaluate_model(r["path"], n_short, n_long, cfg.train.seed)}
+    return {r["budget"]: {"params": r["params"], **evaluate_model(r["path"], n_short, n_long, EVAL_SEED)}
             for r in rows}
 
 
@@ -137,12 +176,18 @@ def arm_a_d(demo: Demo, out: Path, n_short: int, n_long: int, arms: str) -> dict
         say(f"(a) budget {name}: homogeneous {subnet_params(homo, m, vocab):,} params vs router {params:,}")
         pd_ckpt = train_fixed(demo, out / f"prune_distill_{name}", name, str(homo_path), demo.sorted_ckpt)
         pd = slice_eval(demo.cfg, pd_ckpt, {name: homo}, out / f"prune_distill_{name}" / "model", n_short, n_long)[name]
-        if "a" in arms:
+        if "a" in arms:  # (iii) equal TOTAL tokens: the separate model gets only this size's share of the family's
+            share = share_of_family(demo.cfg, name)
+            say(f"(a) budget {name}: prune + distill with the family's share of tokens, stage steps {share}")
+            sh_ckpt = train_fixed(demo, out / f"prune_distill_share_{name}", name, str(homo_path), demo.sorted_ckpt, share)
+            sh = slice_eval(demo.cfg, sh_ckpt, {name: homo}, out / f"prune_distill_share_{name}" / "model",
+                            n_short, n_long)[name]
             if scratch_init is None:
                 scratch_init = random_init_checkpoint(demo.cfg, out / "scratch_init")
             sc_ckpt = train_fixed(demo, out / f"scratch_{name}", name, str(homo_path), scratch_init)
             sc = slice_eval(demo.cfg, sc_ckpt, {name: homo}, out / f"scratch_{name}" / "model", n_short, n_long)[name]
-            res["a"][name] = {"elastic": elastic, "prune_distill": pd, "scratch": sc}
+            res["a"][name] = {"elastic": elastic, "prune_distill": pd, "prune_distill_share": {**sh, "stage_steps": share},
+                              "scratch": sc}
         if "d" in arms:
             router_sub = Subnet.from_dict(row["architecture"])
             rt_ckpt = train_fixed(demo, out / f"router_arch_{name}", name, row["path"] + "/subnet.json",
@@ -202,24 +247,89 @@ def arm_f(demo: Demo, out: Path, n_short: int, n_long: int) -> dict:
     return res
 
 
-def arm_e(demo: Demo, out: Path, n_short: int) -> dict:
+CALIBRATION = (4, 32)  # calibration micro-batches (8 x 128 tokens each): the demo's, and 8x more
+
+
+@torch.no_grad()
+def kl_order(cfg: RunConfig) -> list[int]:
+    """Layer order (most important first) by the nmse metric's iterative greedy removal with the
+    score swapped for KL(full || removed) of the next-token distributions on the calibration
+    batches' real tokens: what distillation optimizes, where nmse weighs every logit alike."""
+    import torch.nn.functional as F
+
+    from elastic_megatron.data.build import build_datasets
+    from elastic_megatron.elastic.importance import calibration_batches, removed_layers, run_forward
+    from elastic_megatron.elastic.jobs import _parent
+    from elastic_megatron.parallel import destroy_distributed
+
+    layout, tok, _, model, _ = _parent(cfg, 1)
+    try:
+        ds, _ = build_datasets(cfg, tok, num_train=cfg.elastic.importance_batches * cfg.train.micro_batch_size)
+        model.eval()
+        batches = calibration_batches(ds, cfg, layout)
+        full: dict = {}
+        run_forward(model, batches, lambda i, lg: full.__setitem__(i, F.log_softmax(lg.float(), -1)))  # [b, s, V]
+        L, removed = cfg.model.num_layers, []
+        while len(removed) < L - 1:
+            candidates = [j for j in range(L) if j not in removed]
+            kl = torch.zeros(len(candidates), dtype=torch.float64)
+            for c, j in enumerate(candidates):
+                def add(i, lg, c=c):
+                    p = full[i]
+                    per_tok = (p.exp() * (p - F.log_softmax(lg.float(), -1))).sum(-1)  # [b, s]
+                    kl[c] += (per_tok * batches[i]["loss_mask"]).double().sum()
+                with removed_layers(model, [*removed, j], 0):
+                    run_forward(model, batches, add)
+            removed.append(candidates[int(kl.argmin())])
+        return [next(j for j in range(L) if j not in removed), *reversed(removed)]
+    finally:
+        destroy_distributed()
+
+
+def arm_e(demo: Demo, out: Path, n_short: int, sizes=CALIBRATION) -> dict:
+    """Depth rankings by metric (nmse, cosine, KL) and calibration size, each judged by the parent
+    with its k least important layers dropped, zero-shot; beside them the ground truth of one layer
+    at a time: the held-out loss with that layer dropped."""
     from elastic_megatron.elastic.jobs import importance_job
     from elastic_megatron.elastic.subnet import Subnet
 
     parent_cfg = load_config(str(demo.root / "importance" / "sorted" / "config.yaml"))
-    cos_cfg = replace(parent_cfg, elastic=replace(parent_cfg.elastic, depth_metric="cosine", importance_path=""),
-                      logging=replace(parent_cfg.logging, out_dir=str(out / "importance_cosine"), wandb_mode="disabled"),
-                      checkpoint=replace(parent_cfg.checkpoint, load=str(demo.root / "parent" / "checkpoints")))
-    orders = {"nmse": demo.order, "cosine": importance_job(cos_cfg)["layer_order"]}
+    parent_ckpt = str(demo.root / "parent" / "checkpoints")
     full = Subnet.full(parent_cfg.model)
-    res: dict = {"orders": orders}
-    for metric, order in orders.items():
-        named = {}
-        for k in (1, 2, 3):
-            drop = set(order[-k:])  # the k least important layers
-            named[f"drop{k}"] = replace(full, keep=tuple(i not in drop for i in range(len(full.keep))))
-        evals = slice_eval(parent_cfg, demo.sorted_ckpt, named, out / f"depth_{metric}", n_short, 0)
-        res[metric] = {k: {**v, "dropped": sorted(order[-int(k[-1]):])} for k, v in evals.items()}
+    L = len(full.keep)
+
+    def without(drop) -> Subnet:
+        return replace(full, keep=tuple(i not in set(drop) for i in range(L)))
+
+    orders: dict[str, list[int]] = {}
+    for n in sizes:
+        for metric in ("nmse", "cosine"):
+            if metric == demo.cfg.elastic.depth_metric and n == demo.cfg.elastic.importance_batches:
+                orders[f"{metric}/{n}"] = demo.order  # the demo's own ranking
+                continue
+            cfg = replace(parent_cfg, elastic=replace(parent_cfg.elastic, depth_metric=metric, importance_path="",
+                                                      importance_batches=n),
+                          logging=replace(parent_cfg.logging, out_dir=str(out / f"importance_{metric}_{n}"),
+                                          wandb_mode="disabled"),
+                          checkpoint=replace(parent_cfg.checkpoint, load=parent_ckpt))
+            orders[f"{metric}/{n}"] = importance_job(cfg)["layer_order"]
+        kl_cfg = replace(parent_cfg, elastic=replace(parent_cfg.elastic, importance_batches=n),
+                         checkpoint=replace(parent_cfg.checkpoint, load=parent_ckpt))
+        orders[f"kl/{n}"] = kl_order(kl_cfg)
+        say(f"(e) {n} calibration batches: " + ", ".join(f"{k} {v}" for k, v in orders.items() if k.endswith(f"/{n}")))
+    # ground truth, one layer at a time (held-out loss only: no generation)
+    single = slice_eval(parent_cfg, demo.sorted_ckpt, {f"layer{j}": without([j]) for j in range(L)},
+                        out / "single_layer", 0, 0)
+    single_loss = [single[f"layer{j}"]["heldout_loss"] for j in range(L)]
+    orders["truth/single-layer loss"] = sorted(range(L), key=lambda j: -single_loss[j])
+    # drop the k least important layers of every ranking; equal dropped sets are evaluated once
+    sets = {tuple(sorted(o[-k:])) for o in orders.values() for k in (1, 2, 3)}
+    named = {"drop_" + "_".join(map(str, d)): without(d) for d in sorted(sets)}
+    evals = slice_eval(parent_cfg, demo.sorted_ckpt, named, out / "dropped", n_short, 0)
+    res: dict = {"orders": orders, "single_layer_loss": single_loss, "calibration_batches": list(sizes)}
+    for name, order in orders.items():
+        res[name] = {f"drop{k}": {**_keep(evals["drop_" + "_".join(map(str, sorted(order[-k:])))]),
+                                  "dropped": sorted(order[-k:])} for k in (1, 2, 3)}
     return res
 
 
@@ -250,7 +360,8 @@ def write_markdown(path: Path, res: dict) -> None:
 
     lines = ["# Ablations (measured)", ""]
     if "a" in res:
-        lines += ["## (a) elastic family vs prune + distill vs from scratch", "", "| budget / arm " + head,
+        lines += ["## (a) elastic family vs prune + distill (equal tokens per model; `_share`: equal total tokens) "
+                  "vs from scratch", "", "| budget / arm " + head,
                   "|---|---|---|---|---|"]
         for name, arms in res["a"].items():
             lines += [row(f"{name} {arm}", r) for arm, r in arms.items()]
@@ -266,14 +377,20 @@ def write_markdown(path: Path, res: dict) -> None:
                 lines += [row(f"{name} {arm}", r[arm]) for arm in arms]
             lines.append("")
     if "e" in res:
-        lines += ["## (e) depth ranking: normalized MSE vs cosine (k least important layers dropped, zero-shot)", "",
-                  f"Layer order, most important first: nmse {res['e']['orders']['nmse']}, "
-                  f"cosine {res['e']['orders']['cosine']}.", "",
-                  "| layers dropped | metric | dropped | params | held-out loss | accuracy short ± SE |", "|---|---|---|---|---|---|"]
+        e = res["e"]
+        rankings = [k for k in e["orders"]]
+        lines += ["## (e) depth ranking by metric and calibration size (k least important layers dropped, zero-shot)",
+                  "", "Layer order, most important first:", ""]
+        lines += [f"- {k}: {e['orders'][k]}" for k in rankings]
+        if "single_layer_loss" in e:
+            lines += ["", "Held-out loss with one layer dropped (layer: loss): " +
+                      ", ".join(f"{j}: {v:.3f}" for j, v in enumerate(e["single_layer_loss"]))]
+        lines += ["", "| layers dropped | ranking | dropped | params | held-out loss | accuracy short ± SE |",
+                  "|---|---|---|---|---|---|"]
         for k in ("drop1", "drop2", "drop3"):
-            for metric in ("nmse", "cosine"):
-                r = res["e"][metric][k]
-                lines.append(f"| {k[-1]} | {metric} | {r['dropped']} | {r['params']:,} | {r['heldout_loss']:.3f} | "
+            for name in rankings:
+                r = e[name][k]
+                lines.append(f"| {k[-1]} | {name} | {r['dropped']} | {r['params']:,} | {r['heldout_loss']:.3f} | "
                              f"{cell(r, 'accuracy_short')} |")
     path.write_text("\n".join(lines) + "\n")
 
@@ -285,12 +402,21 @@ def main(argv=None) -> dict:
     ap.add_argument("--arms", default="a,b,c,d,e,f", help="comma-separated subset of a,b,c,d,e,f")
     ap.add_argument("--n-short", type=int, default=256, help="short held-out problems per evaluation")
     ap.add_argument("--n-long", type=int, default=64, help="long held-out problems per evaluation")
+    ap.add_argument("--seed", type=int, default=None,
+                    help="another training seed for every trained arm, the demo's family retrained with it "
+                         "(evaluation problems stay the demo's)")
     args = ap.parse_args(argv)
     arms = set(args.arms.split(","))
-    demo, out = Demo(Path(args.demo)), Path(args.out)
+    demo, out = Demo(Path(args.demo), args.seed), Path(args.out)
+    global EVAL_SEED
+    EVAL_SEED = demo.eval_seed
     out.mkdir(parents=True, exist_ok=True)
-    res: dict = {}
+    res: dict = {"seed": demo.cfg.train.seed}
     t0 = time.time()
+    if args.seed is not None and arms - {"e"}:
+        say(f"the demo's family retrained with seed {args.seed}")
+        demo.retrain_family(out / "family", args.n_short, args.n_long)
+        res["family"] = {r["name"]: _keep(r) for r in demo.rows()}
     if arms & {"a", "d"}:
         say("(a)/(d): separately distilled sizes")
         res.update({k: v for k, v in arm_a_d(demo, out / "a_d", args.n_short, args.n_long, "".join(arms)).items()

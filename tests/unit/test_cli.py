@@ -221,7 +221,8 @@ def test_prepare_data(tmp_path, tokenizer):
 # ----------------------------------------------------------------------------- demo
 
 TOY = ["train.steps=4", "curriculum.0.steps=2", "curriculum.1.steps=2", "curriculum.1.seq_length=192",
-       "curriculum.1.global_batch_size=4", "logging.progress=false", "logging.wandb_mode=disabled"]
+       "curriculum.1.global_batch_size=4", "curriculum.1.micro_batch_size=2", "logging.progress=false",
+       "logging.wandb_mode=disabled"]
 
 
 def test_demo_writes_a_nested_evaluated_family(tmp_path):
@@ -243,6 +244,19 @@ def test_demo_writes_a_nested_evaluated_family(tmp_path):
         assert r["heldout_loss"] > 0 and 0 <= r["accuracy_short"] <= 1 and 0 <= r["accuracy_long"] <= 1
     assert saved["total_s"] > 0 and set(saved["timings_s"]) == {"parent_s", "parent_eval_s", "importance_s",
                                                                 "elastic_s", "slice_eval_s", "export_s"}
+    # the parent's length curriculum: short problems, then the 2-6-step mix at 256 tokens
+    from elastic_megatron.config import load_config
+
+    short, long = (load_config(str(out / d / "config.yaml")) for d in ("parent_short", "parent"))
+    assert (short.data.seq_length, short.data.max_steps, short.train.steps) == (128, 3, 4)
+    assert (long.data.seq_length, long.data.min_steps, long.data.max_steps, long.train.steps) == (256, 2, 6, 1)
+    assert long.checkpoint.load.startswith(str(out / "parent_short" / "checkpoints"))
+    assert saved["parent_before_elastic"]["n_long"] == 2
+    # the zero-shot homogeneous baseline of each smaller budget, in the report
+    base = saved["homogeneous_baseline"]
+    assert [r["name"] for r in base] == ["0.75", "0.5"] and all("accuracy_short_se" in r for r in base)
+    assert abs(base[1]["params"] / params[2] - 1) < 0.05
+    assert "baseline 0.5: homogeneous prune, no training" in (out / "report.md").read_text()
     hf = saved["hf_export"]  # the family in HF format; the smallest answered through transformers
     assert [r["budget"] for r in hf["exported"]] == ["1.0", "0.75", "0.5"] and hf["budget"] == "0.5"
     for r, b in zip(hf["exported"], saved["budgets"]):
