@@ -4,13 +4,19 @@
 
 For the tiny parent and the medium one of benchmarks/elastic_cost.py, in bf16 as on a GPU, one
 process builds what elastic training holds (student in megatron DDP with its fp32 main-grad
-buffers, megatron's optimizer, the frozen teacher), then runs
-one elastic micro-batch through the training loop's own forward and loss (`_forward_step`, full
-size), backward and one optimizer step, with a saved-tensors hook during the forward that adds up every distinct storage autograd keeps for the
-backward. Measured = model-state tensors (parameters, main grads, optimizer state, teacher) +
-those saved activations, i.e. the tensor bytes live at the forward/backward turn, the step's
-peak; it leaves out allocator slack and the runtime, which the planner's `--overhead` covers.
-Side by side with the planner's terms, with recompute none and full. One JSON line.
+buffers, megatron's optimizer, the frozen teacher), then runs one elastic micro-batch of the
+full-size budget as the training loop runs it (the fixed full subnet, `fixed_decision`) through
+the loop's own forward and loss (`_forward_step`), its backward and one optimizer step. Measured:
+the model-state tensors (parameters, main grads, optimizer state, teacher); the distinct storages
+autograd saved during the forward (a saved-tensors hook: what is held at the forward/backward
+turn); and the step's peak, the most tensor storage alive at once during forward and backward (a
+dispatch-mode tracker that adds each op's new outputs and subtracts them when freed; views,
+in-place and out= results allocate nothing and are skipped). Allocator slack and the runtime are
+left out; the planner's `--overhead` covers them. Side by side with the planner's terms for the
+CPU's kernels (`kernels="torch"`: the pure-PyTorch SSD scan), recompute none and full. The
+`.../soft` rows measure a router-learning micro-batch in soft mode instead (budget 1, full width
+with prefix masks), which the planner does not model: they show how far above the plan it goes.
+One JSON line; `planned_vs_measured` compares the totals (model state + step peak).
 """
 
 from __future__ import annotations
@@ -73,19 +79,21 @@ class PeakTracker(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
+        if any(r.alias_info is not None for r in func._schema.returns):
+            return out  # a view, an in-place or an out= result: no new storage (e.g. main_grad.add_)
         for t in tree_flatten(out)[0]:
             if isinstance(t, torch.Tensor):
                 self._track(t)
         return out
 
 
-def measure(name: str, recompute: str) -> dict:
+def measure(name: str, recompute: str, soft: bool = False) -> dict:
     from elastic_megatron.elastic.model import ElasticHybrid
     from elastic_megatron.elastic.router import build_router
     from elastic_megatron.model.hybrid import build_model
     from elastic_megatron.parallel import ParallelLayout, init_distributed
     from elastic_megatron.plan import Phase, rank_memory
-    from elastic_megatron.train.elastic_loop import _forward_step
+    from elastic_megatron.train.elastic_loop import _forward_step, fixed_decision
     from elastic_megatron.train.optim import build_optimizer, wrap_ddp
 
     overrides, mbs, seq = CASES[name]
@@ -106,7 +114,10 @@ def measure(name: str, recompute: str) -> dict:
     batch = {"tokens": torch.randint(0, VOCAB, (mbs, seq), generator=g),
              "labels": torch.randint(0, VOCAB, (mbs, seq), generator=g),
              "loss_mask": torch.ones(mbs, seq), "position_ids": torch.arange(seq).expand(mbs, seq)}
-    dec = router(0, step=0, total_steps=2, seed=1)
+    full = router.fixed_subnets(cfg.elastic.subnets, layout.tensor)[0]  # budget 0 is the parent itself
+    dec = fixed_decision(router(0, step=0, total_steps=2, seed=1), full, router.cost_of(full))
+    if soft:  # budget 1 while the router learns: full width with prefix masks (elastic.mode=soft)
+        dec = router(1, step=0, total_steps=2, seed=1)
     saved = []
     params = {p.untyped_storage().data_ptr() for p in list(student.parameters()) + list(router.parameters())}
 
@@ -124,7 +135,7 @@ def measure(name: str, recompute: str) -> dict:
         saved_at_turn = storage_bytes(saved)
         del out, saved
         total.backward()
-    measured["activations_and_logits"] = tracker.peak
+    measured["step_peak"] = tracker.peak
     opt.step()  # creates Adam's state: then the optimizer's tensors are all there
     opt_tensors = []
     for o in getattr(opt, "chained_optimizers", [opt]):
@@ -133,18 +144,19 @@ def measure(name: str, recompute: str) -> dict:
         for group in getattr(o, "fp32_from_float16_groups", []):
             opt_tensors += group
     measured["optimizer"] = storage_bytes(opt_tensors)
+    measured["saved_at_turn"] = saved_at_turn
     ph = Phase("elastic", seq, mbs, mbs, True)
-    planned = rank_memory(cfg, VOCAB, 1, 1, 1, ph, recompute, False, 2)
-    planned.pop("stage")
-    planned["activations_and_logits"] = planned.pop("activations") + planned.pop("logits")
-    planned.pop("p2p")
-    keys = ["weights", "main_grads", "optimizer", "teacher", "activations_and_logits"]
-    m_total, p_total = sum(measured.values()), sum(planned[k] for k in keys)
-    return {"measured_mib": {k: round(measured[k] / 2**20, 2) for k in keys},
-            "planned_mib": {k: round(planned[k] / 2**20, 2) for k in keys},
+    planned = rank_memory(cfg, VOCAB, 1, 1, 1, ph, recompute, False, 2, kernels="torch")
+    planned["saved_at_turn"] = planned["activations"] + planned["logits"]
+    planned["step_peak"] = planned["saved_at_turn"] + planned["backward"]
+    keys = ["weights", "main_grads", "optimizer", "teacher", "saved_at_turn", "step_peak"]
+    state = ["weights", "main_grads", "optimizer", "teacher"]
+    m_total, p_total = (sum(d[k] for k in state + ["step_peak"]) for d in (measured, planned))
+    mib = lambda d: {k: round(d[k] / 2**20, 2) for k in keys}  # noqa: E731
+    return {"measured_mib": mib(measured), "planned_mib": mib(planned),
+            "planned_backward_mib": round(planned["backward"] / 2**20, 2),
             "total_measured_mib": round(m_total / 2**20, 1), "total_planned_mib": round(p_total / 2**20, 1),
-            "planned_vs_measured": round(p_total / m_total, 3),
-            "saved_at_forward_end_mib": round(saved_at_turn / 2**20, 2)}
+            "planned_vs_measured": round(p_total / m_total, 3)}
 
 
 def main() -> None:
@@ -156,8 +168,9 @@ def main() -> None:
     res = {}
     for name in CASES:
         for recompute in ("none", "full"):
-            res[f"{name}/{recompute}"] = measure(name, recompute)
-            destroy_distributed()
+            for soft in (False, True):
+                res[f"{name}/{recompute}" + ("/soft" if soft else "")] = measure(name, recompute, soft)
+                destroy_distributed()
     print(json.dumps(res))
 
 

@@ -10,29 +10,45 @@ adds up per rank, for the worst pipeline stage:
     optimizer      fp32 master copy (bf16 runs) + Adam's two moments = 12 (bf16) or 8 (fp32) bytes
                    per parameter, divided by DP with the distributed optimizer
     teacher        elastic training only: a second copy of the weights (no grads, no optimizer)
-    activations    what the elastic forward keeps for the backward, per token and layer (counted
-                   from elastic/model.py's layer functions, below), x tokens per micro-batch x the
-                   micro-batches in flight on the stage under 1F1B (min(PP - stage, micro-batches));
-                   with train.recompute=full only each layer's input, plus one layer rebuilt at a time
-    logits         the last stage's vocab-parallel logits [s, b, V/TP] and the fp32 buffers of the
-                   cross-entropy and (elastic) the KD softmaxes and their gradient
+    activations    what autograd holds at the forward/backward turn: each layer's saved tensors (per
+                   token, counted from the code in `layer_bytes`) x tokens per micro-batch x the micro-
+                   batches in flight on the stage under 1F1B (min(PP - stage, micro-batches)); with
+                   train.recompute=full only each layer's input; plus the last stage's final norm
+    logits         the loss's tensors held at the turn (fp32 log-softmaxes of KD, CE's softmax)
+    backward       the transient working set on top of those, the largest of: one layer's forward
+                   (alive, not saved), the teacher's forward of one layer (no autograd), the loss (fp32
+                   logits copies, KD / CE buffers) and each layer's backward (activation gradients and
+                   kernel workspace); with recompute=full a layer's rebuilt saved tensors too; less what
+                   the layers after it and the loss have not made yet / freed already
     p2p            send and receive buffers between stages (elastic: student and teacher side by side)
     runtime        CUDA context, NCCL and allocator slack: a fixed allowance (--overhead)
 
-The full-size budget is the largest subnet, so the parent's shapes bound every budget. Not
-modelled: the backward's transient working set beyond the one recomputed layer (on CPU, with the
-pure-PyTorch scan, measured at 1.5-2x the saved activations; docs/performance.md), and sequence
-parallelism (not implemented; docs/architecture.md).
+`kernels`: "fused" (default, a GPU run) is mamba-ssm's triton SSD scan, which saves its bf16
+inputs and output and whose fp32 workspace is state-sized ([chunks, heads, p, n]), and torch's
+fused CUDA RMSNorm: counted from mamba-ssm 2.x's code, not measured here. "torch" is the CPU
+fallback: compat/mamba_kernels.py's pure-PyTorch scan (fp32 [b, chunks, heads, Q, Q] and [b, l,
+heads, p] intermediates for every head at once) and torch's composite RMSNorm (fp32 copies);
+benchmarks/plan_check.py measures those.
+
+The full-size budget runs as a fixed subnet (no router gate), the largest hard subnet, so the
+parent's shapes bound every budget in hard mode. Not modelled: soft routing (elastic.mode=soft,
+the default while the router learns, runs those budgets at full width with prefix masks and fp32
+norm statistics: more than the full budget; docs/performance.md), parent training through
+megatron's own mixer (counted with the elastic layer functions), allocator fragmentation (in
+--overhead) and sequence parallelism (not implemented; docs/architecture.md).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 
+from .compat.mamba_kernels import CPU_CHUNK
 from .config import ConfigError, RunConfig
 from .parallel import stage_sizes
 
 GiB = 2**30
+TERMS = ("weights", "main_grads", "optimizer", "teacher", "activations", "logits", "backward", "p2p")
 
 
 def parse_bytes(text: str, flag: str = "--gpu-memory") -> int:
@@ -62,26 +78,93 @@ def layer_params(cfg: RunConfig, kind: str) -> tuple[int, int]:
     return 2 * h * m.ffn_hidden_size, h
 
 
-def layer_activation_bytes(cfg: RunConfig, kind: str, tp: int, bw: int) -> float:
-    """Bytes the elastic forward saves for the backward per token of one layer (full width).
+FUSED_CHUNK = 128  # megatron MambaMixer's chunk_size: mamba-ssm's scan works on chunks this long
+CONV_WIDTH = 4  # MambaMixer's d_conv
 
-    Counted from elastic/model.py: every layer keeps its input, the pre-norm's output (the input
-    of the first projection) and its gated output (for the router's straight-through gate);
-    Mamba also the in_proj output, the conv's input and output (SiLU), the scan's output, the
-    gated norm's output and fp32 dt; attention the QKV output, K and V repeated to every query
-    head, the attention output (+ its fp32 log-sum-exp); the MLP the fc1 output, ReLU and its
-    square. TP-split tensors count 1/TP."""
-    m = cfg.model
-    h, g, n = m.hidden_size, m.mamba_num_groups, m.mamba_state_dim
-    common = 3 * h * bw
+
+@dataclass
+class LayerBytes:
+    """Bytes per token of one layer at full width on one TP rank (TP-split tensors count 1/TP)."""
+
+    saved: float  # what autograd keeps for the backward
+    live: float  # alive in the forward with autograd on but not saved (gone when the layer returns)
+    nograd: float  # all that is alive at the forward's peak without autograd (the teacher)
+    grads: float  # activation gradients and kernel workspace alive at once in the layer's backward
+
+
+def norm_bytes(h: int, bw: int, fused: bool) -> float:
+    """F.rms_norm's saved tensors: the input + fp32 rstd (fused CUDA kernel) or an fp32 copy of the input +
+    the fp32 normalised tensor (CPU composite); then the bf16 output, which the next projection saves."""
+    return (bw * h if fused else 8 * h) + bw * h + 4
+
+
+def layer_bytes(cfg: RunConfig, kind: str, tp: int, bw: int, seq: int, kernels: str = "fused") -> LayerBytes:
+    """One layer of elastic/model.py's forward (`_mamba`, `_attention`, `_mlp`), counted from its code."""
+    m, fused = cfg.model, kernels == "fused"
+    h = m.hidden_size
+    norm, resid = norm_bytes(h, bw, fused), bw * h  # resid: the residual stream's gradient
     if kind == "M":
-        d, heads = m.mamba_num_heads * m.mamba_head_dim, m.mamba_num_heads
-        split = (2 * d + 2 * g * n + heads) + 2 * (d + 2 * g * n) + 3 * d
-        return common + split * bw / tp + 2 * heads * 4 / tp
+        hh, p, n, gl = m.mamba_num_heads // tp, m.mamba_head_dim, m.mamba_state_dim, m.mamba_num_groups // tp
+        P, G = hh * p, gl * n  # x / z channels and B (or C) channels on this rank
+        Q = FUSED_CHUNK if fused else min(FUSED_CHUNK, CPU_CHUNK)
+        c = math.ceil(seq / Q)
+        pad = c * Q / seq  # chunked tensors cover the padded length
+        st = P * n / seq  # one [heads, p, n] chunk state, elements per token of the sequence
+        zx = bw * (2 * P + 2 * G + hh)  # in_proj output [z | x | B | C | dt]
+        xbc = bw * (P + 2 * G)  # SiLU(conv) output: the scan's x, B, C
+        conv = xbc * ((seq + CONV_WIDTH - 1) / seq + 1)  # _causal_conv: padded input copy, output (SiLU's input)
+        post = 3 * bw * P + bw * gl  # group_rms_norm: y, y * rsqrt, out_proj's input; rsqrt per group
+        early = post - bw * P  # saved after the scan's peak (all but y)
+        norm_bwd = 5 * bw * P  # group_rms_norm's backward (pow, mean, mul): the layer's first peak
+        if fused:
+            # MambaChunkScanCombinedFn.save_for_backward(out_x, x, dt, dA_cumsum, B, C, z, ..): x, B, C
+            # are views of the SiLU output and z, dt of the in_proj output, so both stay; out_x (the
+            # pre-gate output, bf16), dA_cumsum fp32 [b, h, c, Q]
+            scan = zx + xbc + bw * P + 4 * hh * pad
+            # _mamba_chunk_scan_combined_fwd: dt fp32, the chunk states fp32 [b, c, h, p, n] and passed
+            # on in bf16, CB fp32 [b, c, g, Q, Q] (out and out_x are counted as saved)
+            work = 4 * hh * pad + (4 + bw) * c * st + 4 * gl * Q * pad
+            live = work - early  # the layer's peak is in the scan, before the group norm
+            nograd = bw * h + zx + xbc + 2 * bw * P + 4 * hh * pad + work
+            # _mamba_chunk_scan_combined_bwd: dout, dz, the gated dout, dx; dB, dC and their outputs;
+            # recomputed chunk and passed states and dstates (fp32, plus bf16 copies of two); CB, dCB
+            # fp32; dt, dA_cumsum, ddt, ddA fp32
+            scan_bwd = 4 * bw * P + 4 * bw * G + (12 + 2 * bw) * c * st + 8 * gl * Q * pad + 16 * hh * pad
+        else:
+            # compat/mamba_kernels.py mamba_chunk_scan_combined, what autograd saves (fp32):
+            scan = (4 * 4 * P  # x.to(fp32), z.to(fp32), silu(z), y + x * D  [b, l, h, p]
+                    + 4 * 4 * P * pad  # X = x * dt padded, its permuted copy for `@ X`, (X * decay_states)^T
+                    # copy, C @ entering^T  [b, c, g, i, Q, p]
+                    + 8 * hh * Q * pad  # decay = exp(segsum) and CB * decay  [b, c, g, i, Q, Q]
+                    + 8 * hh * n * pad  # B and C broadcast to every head for the matmuls  [b, c, g, i, Q, n]
+                    + 8 * G * pad + 4 * gl * Q * pad  # C and B^T copies, CB  [b, c, g, Q, Q]
+                    + 4 * (2 * c + 1) * st  # copies of the c + 1 carried states and the c entering ones
+                    + 16 * hh * pad + 4 * hh * (c + 1) ** 2 / seq)  # dt, softplus, decays per head; decay_chunk
+            # the layer's peak is the gate y * silu(z): alive but not saved are the in_proj and SiLU outputs
+            # (only copies are saved), B and C padded, Y, the gate's product, the carried and initial
+            # states, the fp64 cumsum (the group norm's tensors do not exist yet)
+            live = zx + xbc + 8 * G * pad + 4 * P * pad + 4 * P + 4 * (c + 2) * st + 8 * hh * pad - early
+            # no autograd, at `y + x * D`: the locals x, X, Y, y's copy, x * D, the sum; decay, CB, B, C,
+            # the carried and initial states; cumsums (one fp64) and decays per head
+            nograd = (bw * h + zx + xbc + 4 * P * (3 + 3 * pad) + 4 * hh * Q * pad + 4 * gl * Q * pad
+                      + 8 * G * pad + 4 * (c + 2) * st + 24 * hh * pad)
+            # the backward's gate (3 fp32 [b, l, h, p]) runs after the norm's saved tensors are freed
+            scan_bwd = 3 * 4 * P - post
+        return LayerBytes(norm + conv + scan + post, live, nograd, max(norm_bwd, scan_bwd) + resid)
     if kind == "*":
-        q, kv = m.num_attention_heads * m.kv_channels, m.num_query_groups * m.kv_channels
-        return common + (q + 2 * kv + 2 * q + q) * bw / tp + m.num_attention_heads * 4 / tp
-    return common + 3 * m.ffn_hidden_size * bw / tp
+        nh = m.num_attention_heads // tp
+        q, kv = nh * m.kv_channels, m.num_query_groups // tp * m.kv_channels
+        # q's [b, heads, s, d] copy, K and V repeated to every query head, the SDPA output; fp32 log-sum-exp
+        saved = norm + 4 * bw * q + 4 * nh
+        live = bw * (q + 2 * kv)  # the QKV projection's output, which q / k / v are copied from
+        # backward: linear_proj's input gradient, SDPA's dq, dk, dv at every query head (on a GPU also
+        # flash attention's fp32 dq accumulator)
+        grads = 4 * bw * q + (4 * q if fused else 0) + resid
+        return LayerBytes(saved, live, bw * h + live + 4 * bw * q + 4 * nh, grads)
+    f = m.ffn_hidden_size // tp
+    # squared_relu: ReLU's output (pow's input) and its square (fc2's input); fc1's output is live only;
+    # backward: fc2's input gradient, pow's self^1, x 2 and the product
+    return LayerBytes(norm + 2 * bw * f, bw * f, bw * (h + 3 * f), 4 * bw * f + resid)
 
 
 @dataclass
@@ -105,38 +188,47 @@ def phases(cfg: RunConfig) -> list[Phase]:
 
 
 def rank_memory(cfg: RunConfig, vocab: int, tp: int, pp: int, dp: int, ph: Phase, recompute: str,
-                distributed_optimizer: bool, bw: int) -> dict[str, float]:
-    """Bytes per rank, by term, on the pipeline stage that needs the most."""
+                distributed_optimizer: bool, bw: int, kernels: str = "fused") -> dict[str, float]:
+    """Bytes per rank, by term, on the pipeline stage that needs the most. kernels: "fused" (GPU) or
+    "torch" (the CPU fallbacks), see the module docstring."""
     m = cfg.model
     pattern = m.hybrid_override_pattern
     sizes = stage_sizes(len(pattern), pp, None, None)  # even stages (uneven splits: see the config's own)
     tokens = ph.seq * ph.micro_batch
     n_micro = max(1, ph.global_batch // (ph.micro_batch * dp))
+    full, vl = recompute == "full", vocab / tp
     worst: dict[str, float] = {}
     start = 0
     for stage, size in enumerate(sizes):
         kinds = pattern[start:start + size]
         start += size
-        params = 0.0
-        for k in kinds:
-            split, repl = layer_params(cfg, k)
-            params += split / tp + repl
+        last = stage == pp - 1
+        params = sum(split / tp + repl for split, repl in (layer_params(cfg, k) for k in kinds))
         if stage == 0:
             params += vocab * m.hidden_size / tp
-        if stage == pp - 1:
+        if last:
             params += vocab * m.hidden_size / tp + m.hidden_size
-        per_layer = [layer_activation_bytes(cfg, k, tp, bw) for k in kinds]
+        layers = [layer_bytes(cfg, k, tp, bw, ph.seq, kernels) for k in kinds]
+        held = [bw * m.hidden_size if full else lb.saved for lb in layers]  # per layer at the turn
+        tail = norm_bytes(m.hidden_size, bw, kernels == "fused") if last else 0.0  # the final norm
         in_flight = min(pp - stage, n_micro)
-        if recompute == "full":
-            act = (len(kinds) * m.hidden_size * bw * tokens) * in_flight + max(per_layer) * tokens
-        else:
-            act = sum(per_layer) * tokens * in_flight
-        if ph.elastic:  # the teacher runs under no_grad: one layer's tensors at a time
-            act += max(per_layer) * tokens
-        logits = 0.0
-        if stage == pp - 1:
-            per = (2 * bw + 16) if ph.elastic else (bw + 12)
-            logits = tokens * vocab / tp * per
+        # last stage, at the turn: KD's log_ps, log_pt and CE's softmax, fp32 (elastic); CE's softmax (parent).
+        # The loss's peak beyond them (_VocabParallelKL.forward): both bf16 logits, their fp32 copies, both
+        # log-softmaxes, their difference, exp and product (KD's backward needs less); parent: the bf16
+        # logits and CE's fp32 copy (megatron turns it into the softmax in place)
+        logits = (12 if ph.elastic else 4) * vl * last
+        loss = ((2 * bw + 28 if ph.elastic else bw + 4) * vl - logits) * last
+        # Transients, per token; the loss's tensors (and the final norm's) do not exist yet in the layers'
+        # forward and are freed before their backward; the later layers hold nothing yet / any more.
+        gone = logits + tail
+        cands = [loss, 0.0]
+        for j, lb in enumerate(layers):
+            later, rebuilt = sum(held[j + 1:]), lb.saved if full else 0.0
+            # its forward, its backward (where a rebuild also has the residual stream's gradient)
+            cands.append(rebuilt + max(lb.live + (bw * m.hidden_size if full else 0), lb.grads) - later - gone)
+        if ph.elastic:  # the teacher runs after the student's forward (its logits alive), before the loss,
+            # one layer at a time: its residual stream and one layer's forward
+            cands.append(bw * m.hidden_size + max(lb.nograd for lb in layers) - logits + (bw * vl if last else 0))
         p2p = 2 * tokens * m.hidden_size * (2 if ph.elastic else 1) * bw * 2 if pp > 1 else 0.0
         opt_per_param = 12 if bw == 2 else 8
         terms = {
@@ -144,8 +236,9 @@ def rank_memory(cfg: RunConfig, vocab: int, tp: int, pp: int, dp: int, ph: Phase
             "main_grads": params * 4,
             "optimizer": params * opt_per_param / (dp if distributed_optimizer else 1),
             "teacher": params * bw if ph.elastic else 0.0,
-            "activations": act,
-            "logits": logits,
+            "activations": (sum(held) + tail) * tokens * in_flight,
+            "logits": logits * tokens,
+            "backward": max(cands) * tokens,
             "p2p": p2p,
         }
         if not worst or sum(terms.values()) > sum(worst.values()):
@@ -196,7 +289,7 @@ def plan(cfg: RunConfig, vocab: int, gpu_memory: int, nodes: int = 1, gpus_per_n
 
 
 def format_plan(rows: list[dict], gpu_memory: int) -> str:
-    cols = ["weights", "main_grads", "optimizer", "teacher", "activations", "logits", "p2p", "runtime", "total"]
+    cols = [*TERMS, "runtime", "total"]
     head = f"{'TP':>3} {'PP':>3} {'DP':>4} {'phase':<16} {'seq':>6} {'dist-opt':>8} {'recomp':>6} " + \
         " ".join(f"{c:>11}" for c in cols) + "  fits"
     lines = [f"per-rank memory in GiB (GPU memory {gpu_memory / GiB:.0f} GiB; worst pipeline stage)", head]

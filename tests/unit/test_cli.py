@@ -292,6 +292,63 @@ def test_planner_model_state_terms_are_exact():
     assert sharded["optimizer"] == sharded["main_grads"] * 3 / 8  # 12 B/param over DP 8 vs 4 B/param
 
 
+def test_planner_backward_term_grows_with_sequence_and_is_larger_for_the_cpu_scan():
+    from elastic_megatron.plan import Phase, rank_memory
+
+    cfg = load_config_for(None)  # the tiny model, vocab 64: the layers' working set, not the loss's, is the largest
+
+    def backward(seq: int, kernels: str, recompute: str) -> float:
+        ph = Phase("e", seq, 2, 2, True)
+        return rank_memory(cfg, 64, 1, 1, 1, ph, recompute, False, 2, kernels=kernels)["backward"]
+
+    for recompute in ("none", "full"):
+        for kernels in ("fused", "torch"):
+            assert 0 < 2 * backward(256, kernels, recompute) < backward(1024, kernels, recompute)
+        # the pure-PyTorch scan's fp32 chunk intermediates for every head vs mamba-ssm's state-sized workspace
+        assert backward(1024, "torch", recompute) > 1.5 * backward(1024, "fused", recompute)
+
+
+def test_planner_activations_are_what_autograd_saves_on_cpu():
+    """The planner's activation term for the CPU kernels ("torch") is what autograd keeps in the tiny
+    model's elastic forward at full size in bf16, within 1% (benchmarks/plan_check.py checks the
+    step's peak with the teacher and the loss as well)."""
+    import os
+
+    import torch
+
+    from elastic_megatron.elastic.model import ElasticHybrid
+    from elastic_megatron.model.hybrid import build_model
+    from elastic_megatron.parallel import ParallelLayout, destroy_distributed, init_distributed
+    from elastic_megatron.plan import Phase, rank_memory
+
+    os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 90))
+    cfg = load_config_for(None)
+    layout = ParallelLayout.resolve(cfg, 1)
+    init_distributed(layout, cfg.train.seed)
+    try:
+        model = build_model(cfg, layout, 64, torch.bfloat16)
+        b, s = 2, 128
+        tokens = torch.randint(0, 64, (b, s), generator=torch.Generator().manual_seed(0))
+        params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        for recompute in ("none", "full"):
+            cfg.train.recompute = recompute
+            seen: dict[int, int] = {}
+
+            def pack(t):
+                st = t.untyped_storage()
+                if st.data_ptr() not in params:
+                    seen[st.data_ptr()] = st.nbytes()
+                return t
+
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                logits = ElasticHybrid(model, cfg, layout)(tokens, torch.arange(s).expand(b, s))
+            planned = rank_memory(cfg, 64, 1, 1, 1, Phase("p", s, b, b, False), recompute, False, 2, kernels="torch")
+            assert abs(planned["activations"] / sum(seen.values()) - 1) < 0.01, (recompute, planned, seen)
+            del logits
+    finally:
+        destroy_distributed()
+
+
 def load_config_for(preset: str):
     from elastic_megatron.config import load_config
 
