@@ -2,13 +2,15 @@
 
     elastic-megatron demo --out demo_out
 
-1. train the parent on the synthetic reasoning corpus (reused if DIR/parent has a checkpoint)
+1. train the parent on the synthetic reasoning corpus: short problems (DIR/parent_short), then a
+   length curriculum on a 2-6-step mix at 256 tokens (DIR/parent); each reused if already trained
 2. importance estimation and sorting (every budget becomes a prefix)
 3. elastic training: router + frozen-teacher KD, stage 1 (short, uniform budgets) then stage 2
-   (long, weighted to the largest model)
+   (the 2-6-step mix at 256 tokens, weighted to the largest model, router frozen)
 4. the router picks a subnet for 100% / ~75% / ~50% of the parameters; the family is nested
 5. each subnet is sliced into a standalone checkpoint and evaluated: held-out loss and greedy
-   exact-match accuracy on short and long problems
+   exact-match accuracy on short (2-3 steps) and long (4-6 steps) problems, beside each smaller
+   budget pruned to a homogeneous architecture without training
 6. the family is exported to Hugging Face (DIR/hf/budget_*), and the smallest exported model
    answers a held-out problem through transformers
 7. DIR/report.md, DIR/report.json and DIR/quality_vs_params.png
