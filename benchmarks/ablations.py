@@ -142,16 +142,14 @@ def random_init_checkpoint(cfg: RunConfig, out: Path) -> str:
         destroy_distributed()
 
 
-EVAL_SEED = 1234  # main() sets it to the demo's seed: every arm is evaluated on the same problems
-
-
-def slice_eval(cfg: RunConfig, ckpt: str, named: dict, out: Path, n_short: int, n_long: int) -> dict:
-    """Cut each named subnet out of `ckpt` and evaluate it: {name: {params, heldout_loss, accuracy_*}}."""
+def slice_eval(cfg: RunConfig, ckpt: str, named: dict, out: Path, n_short: int, n_long: int, seed: int) -> dict:
+    """Cut each named subnet out of `ckpt` and evaluate it on the held-out problems of `seed` (the
+    demo's, whatever the training seed): {name: {params, heldout_loss, accuracy_*}}."""
     from elastic_megatron.elastic.jobs import slice_subnets
 
     cfg = replace(cfg, checkpoint=replace(cfg.checkpoint, load=str(ckpt)))
     rows = slice_subnets(cfg, named, str(out))
-    return {r["budget"]: {"params": r["params"], **evaluate_model(r["path"], n_short, n_long, EVAL_SEED)}
+    return {r["budget"]: {"params": r["params"], **evaluate_model(r["path"], n_short, n_long, seed)}
             for r in rows}
 
 
@@ -175,17 +173,17 @@ def arm_a_d(demo: Demo, out: Path, n_short: int, n_long: int, arms: str) -> dict
         homo_path.write_text(json.dumps({"subnet": homo.to_dict()}))
         say(f"(a) budget {name}: homogeneous {subnet_params(homo, m, vocab):,} params vs router {params:,}")
         pd_ckpt = train_fixed(demo, out / f"prune_distill_{name}", name, str(homo_path), demo.sorted_ckpt)
-        pd = slice_eval(demo.cfg, pd_ckpt, {name: homo}, out / f"prune_distill_{name}" / "model", n_short, n_long)[name]
+        pd = slice_eval(demo.cfg, pd_ckpt, {name: homo}, out / f"prune_distill_{name}" / "model", n_short, n_long, demo.eval_seed)[name]
         if "a" in arms:  # (iii) equal TOTAL tokens: the separate model gets only this size's share of the family's
             share = share_of_family(demo.cfg, name)
             say(f"(a) budget {name}: prune + distill with the family's share of tokens, stage steps {share}")
             sh_ckpt = train_fixed(demo, out / f"prune_distill_share_{name}", name, str(homo_path), demo.sorted_ckpt, share)
             sh = slice_eval(demo.cfg, sh_ckpt, {name: homo}, out / f"prune_distill_share_{name}" / "model",
-                            n_short, n_long)[name]
+                            n_short, n_long, demo.eval_seed)[name]
             if scratch_init is None:
                 scratch_init = random_init_checkpoint(demo.cfg, out / "scratch_init")
             sc_ckpt = train_fixed(demo, out / f"scratch_{name}", name, str(homo_path), scratch_init)
-            sc = slice_eval(demo.cfg, sc_ckpt, {name: homo}, out / f"scratch_{name}" / "model", n_short, n_long)[name]
+            sc = slice_eval(demo.cfg, sc_ckpt, {name: homo}, out / f"scratch_{name}" / "model", n_short, n_long, demo.eval_seed)[name]
             res["a"][name] = {"elastic": elastic, "prune_distill": pd, "prune_distill_share": {**sh, "stage_steps": share},
                               "scratch": sc}
         if "d" in arms:
@@ -193,7 +191,7 @@ def arm_a_d(demo: Demo, out: Path, n_short: int, n_long: int, arms: str) -> dict
             rt_ckpt = train_fixed(demo, out / f"router_arch_{name}", name, row["path"] + "/subnet.json",
                                   demo.sorted_ckpt)
             rt = slice_eval(demo.cfg, rt_ckpt, {name: router_sub}, out / f"router_arch_{name}" / "model",
-                            n_short, n_long)[name]
+                            n_short, n_long, demo.eval_seed)[name]
             res["d"][name] = {"router": {**rt, "architecture": router_sub.to_dict()},
                               "homogeneous": {**pd, "architecture": homo.to_dict()}}
     return res
@@ -204,7 +202,7 @@ def arm_b(demo: Demo, out: Path, n_short: int, n_long: int) -> dict:
     from elastic_megatron.elastic.subnet import Subnet
 
     fam = {r["name"]: Subnet.from_dict(r["architecture"]) for r in demo.rows()}
-    s1 = slice_eval(demo.cfg, str(demo.stage1_ckpt), fam, out / "stage1_family", n_short, n_long)
+    s1 = slice_eval(demo.cfg, str(demo.stage1_ckpt), fam, out / "stage1_family", n_short, n_long, demo.eval_seed)
     return {r["name"]: {"stage1": s1[r["name"]],
                         "stage1+2": _keep(r)}
             for r in demo.rows()}
@@ -224,7 +222,7 @@ def arm_c(demo: Demo, out: Path, n_short: int, n_long: int) -> dict:
     stages[1] = replace(stages[1], budget_probs=[])
     cfg = _run_cfg(demo.cfg, run, curriculum=stages)
     ckpt = elastic_train(cfg, demo.order).checkpoint
-    uni = slice_eval(demo.cfg, ckpt, family_from_checkpoint(demo.cfg, ckpt), run / "family", n_short, n_long)
+    uni = slice_eval(demo.cfg, ckpt, family_from_checkpoint(demo.cfg, ckpt), run / "family", n_short, n_long, demo.eval_seed)
     return {r["name"]: {"weighted": _keep(r),
                         "uniform": uni[r["name"]]} for r in demo.rows()}
 
@@ -241,7 +239,7 @@ def arm_f(demo: Demo, out: Path, n_short: int, n_long: int) -> dict:
         el = replace(demo.cfg.elastic, mode=mode, deploy_tolerance=0.0)
         cfg = _run_cfg(demo.cfg, out / mode, elastic=el, curriculum=stages)
         ckpt = elastic_train(cfg, demo.order).checkpoint
-        fam = slice_eval(cfg, ckpt, family_from_checkpoint(cfg, ckpt), out / mode / "family", n_short, n_long)
+        fam = slice_eval(cfg, ckpt, family_from_checkpoint(cfg, ckpt), out / mode / "family", n_short, n_long, demo.eval_seed)
         for name, r in fam.items():
             res[name][mode] = r
     return res
@@ -319,13 +317,13 @@ def arm_e(demo: Demo, out: Path, n_short: int, sizes=CALIBRATION) -> dict:
         say(f"(e) {n} calibration batches: " + ", ".join(f"{k} {v}" for k, v in orders.items() if k.endswith(f"/{n}")))
     # ground truth, one layer at a time (held-out loss only: no generation)
     single = slice_eval(parent_cfg, demo.sorted_ckpt, {f"layer{j}": without([j]) for j in range(L)},
-                        out / "single_layer", 0, 0)
+                        out / "single_layer", 0, 0, demo.eval_seed)
     single_loss = [single[f"layer{j}"]["heldout_loss"] for j in range(L)]
     orders["truth/single-layer loss"] = sorted(range(L), key=lambda j: -single_loss[j])
     # drop the k least important layers of every ranking; equal dropped sets are evaluated once
     sets = {tuple(sorted(o[-k:])) for o in orders.values() for k in (1, 2, 3)}
     named = {"drop_" + "_".join(map(str, d)): without(d) for d in sorted(sets)}
-    evals = slice_eval(parent_cfg, demo.sorted_ckpt, named, out / "dropped", n_short, 0)
+    evals = slice_eval(parent_cfg, demo.sorted_ckpt, named, out / "dropped", n_short, 0, demo.eval_seed)
     res: dict = {"orders": orders, "single_layer_loss": single_loss, "calibration_batches": list(sizes)}
     for name, order in orders.items():
         res[name] = {f"drop{k}": {**_keep(evals["drop_" + "_".join(map(str, sorted(order[-k:])))]),
@@ -408,8 +406,6 @@ def main(argv=None) -> dict:
     args = ap.parse_args(argv)
     arms = set(args.arms.split(","))
     demo, out = Demo(Path(args.demo), args.seed), Path(args.out)
-    global EVAL_SEED
-    EVAL_SEED = demo.eval_seed
     out.mkdir(parents=True, exist_ok=True)
     res: dict = {"seed": demo.cfg.train.seed}
     t0 = time.time()

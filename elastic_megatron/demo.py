@@ -45,14 +45,13 @@ def demo_config(out: Path, overrides: list[str]) -> RunConfig:
     # added, short ones kept, as a long-context phase keeps short data). Measured on 256 / 64
     # problems, one seed: 4-6 steps only gave short 0.359 / 0.332 / 0.316, long 0.125 / 0.156 /
     # 0.062; the mix 0.395 / 0.355 / 0.328, long 0.094 / 0.141 / 0.094 (docs/results.md).
-    hi = LONG_STEPS[1]
     base = [f"logging.out_dir={out}", "logging.wandb_mode=offline", "train.steps=500", "train.eval_interval=250",
             "train.lr=3e-3", "train.warmup_steps=20", f"data.min_steps={SHORT_STEPS[0]}",
             f"data.max_steps={SHORT_STEPS[1]}", "data.seq_length=128",
             f"elastic.budgets={json.dumps(BUDGETS)}", "elastic.importance_batches=4",
             "curriculum.0.steps=120", "curriculum.1.steps=40", "curriculum.1.seq_length=256",
             "curriculum.1.global_batch_size=16", "curriculum.1.micro_batch_size=8",
-            f"curriculum.1.min_steps={SHORT_STEPS[0]}", f"curriculum.1.max_steps={hi}"]
+            f"curriculum.1.min_steps={SHORT_STEPS[0]}", f"curriculum.1.max_steps={LONG_STEPS[1]}"]
     return load_config(None, base + list(overrides))
 
 
@@ -82,18 +81,19 @@ def run_demo(out_dir: str, overrides: list[str] | None = None, n_short: int = 25
 
     # 1. parent: short problems, then a length curriculum (DIR/parent_short -> DIR/parent)
     short_cfg = replace(cfg, logging=replace(cfg.logging, out_dir=str(out / "parent_short")))
-    long_cfg = long_context_config(cfg, out / "parent", "")
-    if latest_checkpoint(out / "parent" / "checkpoints") and _finished(out / "parent", long_cfg.train.steps):
+    long_cfg = long_context_config(cfg, out / "parent", "")  # starts from phase 1's checkpoint, set below
+    if _finished(long_cfg):
         _say(f"1/6 reusing the trained parent in {out / 'parent'}")
     else:
-        if latest_checkpoint(out / "parent_short" / "checkpoints") and _finished(out / "parent_short", cfg.train.steps):
+        if _finished(short_cfg):
             _say(f"1/6 reusing the short-trained parent in {out / 'parent_short'}")
         else:
             _say(f"1/6 training the parent: {cfg.train.steps} steps on short problems")
             train(short_cfg)
         _say(f"  then {long_cfg.train.steps} steps on a {SHORT_STEPS[0]}-{LONG_STEPS[1]}-step mix at "
              f"{long_cfg.data.seq_length} tokens (length curriculum)")
-        train(long_context_config(cfg, out / "parent", str(latest_checkpoint(out / "parent_short" / "checkpoints"))))
+        train(replace(long_cfg, checkpoint=replace(long_cfg.checkpoint,
+                                                   load=str(latest_checkpoint(out / "parent_short" / "checkpoints")))))
     timings["parent_s"] = time.time() - t0
     parent_eval = evaluate_model(str(out / "parent"), n_short, n_long, cfg.train.seed)
     _say(f"  parent: held-out loss {parent_eval['heldout_loss']:.3f}, accuracy short "
@@ -148,9 +148,25 @@ def run_demo(out_dir: str, overrides: list[str] | None = None, n_short: int = 25
     return report
 
 
-def _finished(run: Path, steps: int) -> bool:
-    metrics = run / "metrics.jsonl"
-    return metrics.exists() and any(json.loads(line).get("step") == steps for line in metrics.read_text().splitlines())
+def _finished(cfg: RunConfig) -> bool:
+    """Whether the run directory of `cfg` holds this run trained to the end. A directory holding
+    another run (other data or steps: e.g. left by an older demo) is an error, not something to
+    resume from or to overwrite."""
+    from .config import ConfigError
+    from .train.checkpoint import latest_checkpoint
+
+    run = Path(cfg.logging.out_dir)
+    if not (run / "config.yaml").exists():
+        return False
+    saved = load_config(str(run / "config.yaml"))
+    if (saved.data, saved.train.steps) != (cfg.data, cfg.train.steps):
+        raise ConfigError(f"{run} holds another run (its data or train.steps differ from this demo's): "
+                          "remove it or pick another --out")
+    if not latest_checkpoint(run / "checkpoints"):
+        return False
+    steps = [json.loads(line).get("step") for line in (run / "metrics.jsonl").read_text().splitlines()] \
+        if (run / "metrics.jsonl").exists() else []
+    return cfg.train.steps in steps
 
 
 def _slice_family(cfg: RunConfig, result, models_dir: Path) -> list[dict]:

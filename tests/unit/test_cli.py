@@ -264,6 +264,21 @@ def test_demo_writes_a_nested_evaluated_family(tmp_path):
     assert hf["same_as_ours"] is True and hf["prompt"] in (out / "report.md").read_text()
 
 
+def test_demo_refuses_a_parent_directory_of_another_run(tmp_path):
+    """An --out left by another demo version (a short-only parent) is not silently reused or resumed."""
+    from elastic_megatron.config import load_config, to_yaml
+
+    out = tmp_path / "demo"
+    (out / "parent").mkdir(parents=True)
+    stale = load_config(None, ["train.steps=4", "data.max_steps=3"])  # short problems only: not the long phase
+    (out / "parent" / "config.yaml").write_text(to_yaml(stale))
+    r = em("demo", "--out", str(out), *TOY)
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [
+        f"elastic-megatron: error: {out / 'parent'} holds another run (its data or train.steps differ from this "
+        "demo's): remove it or pick another --out"], r.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["parent"]  # nothing trained, nothing written
+
+
 # ----------------------------------------------------------------------------- plan
 
 def test_plan_for_the_12b_preset(capsys):
