@@ -1,6 +1,7 @@
 """The memory planner (elastic_megatron/plan.py) against tensors measured on this CPU.
 
-    python benchmarks/plan_check.py
+    python benchmarks/plan_check.py                                        # TP 1
+    torchrun --standalone --nproc_per_node=2 benchmarks/plan_check.py --tp 2   # TP 2, SP off and on
 
 For the tiny parent and the medium one of benchmarks/elastic_cost.py, in bf16 as on a GPU, one
 process builds what elastic training holds (student in megatron DDP with its fp32 main-grad
@@ -15,8 +16,11 @@ in-place and out= results allocate nothing and are skipped). Allocator slack and
 left out; the planner's `--overhead` covers them. Side by side with the planner's terms for the
 CPU's kernels (`kernels="torch"`: the pure-PyTorch SSD scan), recompute none and full. The
 `.../soft` rows measure a router-learning micro-batch in soft mode instead (budget 1, full width
-with prefix masks), which the planner does not model: they show how far above the plan it goes.
-One JSON line; `planned_vs_measured` compares the totals (model state + step peak).
+with prefix masks), planned as a soft stage (`Phase(soft=True)`).
+Under `--tp 2` (two gloo ranks) every row runs with sequence parallelism off and on (`.../sp`:
+the residual stream, norms and layer outputs split along the sequence over the ranks); rank 0's
+tensors are reported (the ranks hold the same shapes). One JSON line; `planned_vs_measured`
+compares the totals (model state + step peak).
 """
 
 from __future__ import annotations
@@ -25,7 +29,6 @@ import json
 import os
 import sys
 import weakref
-from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -87,7 +90,7 @@ class PeakTracker(TorchDispatchMode):
         return out
 
 
-def measure(name: str, recompute: str, soft: bool = False) -> dict:
+def measure(name: str, recompute: str, soft: bool = False, tp: int = 1, sp: bool = False) -> dict:
     from elastic_megatron.elastic.model import ElasticHybrid
     from elastic_megatron.elastic.router import build_router
     from elastic_megatron.model.hybrid import build_model
@@ -99,8 +102,9 @@ def measure(name: str, recompute: str, soft: bool = False) -> dict:
     overrides, mbs, seq = CASES[name]
     cfg = load_config(None, [*overrides, "train.precision=bf16", f"train.recompute={recompute}",
                              f"train.micro_batch_size={mbs}", f"train.global_batch_size={mbs}",
-                             f"model.max_sequence_length={max(seq, 4096)}"])
-    layout = ParallelLayout.resolve(cfg, 1)
+                             f"model.max_sequence_length={max(seq, 4096)}", f"parallel.tensor={tp}",
+                             f"parallel.sequence_parallel={str(sp).lower()}"])
+    layout = ParallelLayout.resolve(cfg, tp, training=True)
     init_distributed(layout, cfg.train.seed)
     student = build_model(cfg, layout, VOCAB, torch.bfloat16)
     teacher = build_model(cfg, layout, VOCAB, torch.bfloat16).eval()
@@ -109,7 +113,7 @@ def measure(name: str, recompute: str, soft: bool = False) -> dict:
     measured = {"weights": storage_bytes(student.parameters()),
                 "main_grads": storage_bytes([b.grad_data for b in ddp.buffers]),
                 "teacher": storage_bytes(teacher.parameters())}
-    router = build_router(cfg, VOCAB)
+    router = build_router(cfg, VOCAB, tp=tp)
     g = torch.Generator().manual_seed(0)
     batch = {"tokens": torch.randint(0, VOCAB, (mbs, seq), generator=g),
              "labels": torch.randint(0, VOCAB, (mbs, seq), generator=g),
@@ -133,7 +137,8 @@ def measure(name: str, recompute: str, soft: bool = False) -> dict:
                                          [dec], router, cfg, iter([batch]), None)
             total, _ = loss_fn(out)
         saved_at_turn = storage_bytes(saved)
-        del out, saved
+        del out
+        saved.clear()  # the backward frees what it uses: only autograd holds it now
         total.backward()
     measured["step_peak"] = tracker.peak
     opt.step()  # creates Adam's state: then the optimizer's tensors are all there
@@ -145,8 +150,8 @@ def measure(name: str, recompute: str, soft: bool = False) -> dict:
             opt_tensors += group
     measured["optimizer"] = storage_bytes(opt_tensors)
     measured["saved_at_turn"] = saved_at_turn
-    ph = Phase("elastic", seq, mbs, mbs, True)
-    planned = rank_memory(cfg, VOCAB, 1, 1, 1, ph, recompute, False, 2, kernels="torch")
+    ph = Phase("elastic", seq, mbs, mbs, True, soft=soft)
+    planned = rank_memory(cfg, VOCAB, tp, 1, 1, ph, recompute, False, 2, kernels="torch", sequence_parallel=sp)
     planned["saved_at_turn"] = planned["activations"] + planned["logits"]
     planned["step_peak"] = planned["saved_at_turn"] + planned["backward"]
     keys = ["weights", "main_grads", "optimizer", "teacher", "saved_at_turn", "step_peak"]
@@ -164,14 +169,26 @@ def main() -> None:
     os.environ.setdefault("MASTER_PORT", "29741")
     from elastic_megatron.parallel import destroy_distributed
 
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--only", default="", help="comma-separated rows to run, e.g. medium/full/soft (default: all)")
+    ap.add_argument("--tp", type=int, default=1, help="tensor-parallel size (run under torchrun with that many ranks)")
+    args = ap.parse_args()
+    only = set(filter(None, args.only.split(",")))
     torch.manual_seed(0)
     res = {}
     for name in CASES:
-        for recompute in ("none", "full"):
-            for soft in (False, True):
-                res[f"{name}/{recompute}" + ("/soft" if soft else "")] = measure(name, recompute, soft)
-                destroy_distributed()
-    print(json.dumps(res))
+        for sp in ((False, True) if args.tp > 1 else (False,)):
+            for recompute in ("none", "full"):
+                for soft in (False, True):
+                    row = f"{name}/{recompute}" + ("/soft" if soft else "") + ("/sp" if sp else "")
+                    if only and row not in only:
+                        continue
+                    res[row] = measure(name, recompute, soft, args.tp, sp)
+                    destroy_distributed()
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps(res))
 
 
 if __name__ == "__main__":

@@ -93,16 +93,18 @@ def cmd_plan(args) -> int:
     # padded for the largest TP the plan tries (TP stays inside a node)
     vocab = padded_vocab_size(cfg.model, load_tokenizer(cfg.data.tokenizer).vocab_size, args.gpus_per_node)
     rows = plan_both_recompute(cfg, vocab, mem, args.nodes, args.gpus_per_node, overhead)
-    print(format_plan(rows, mem))
-    fits: dict[tuple, bool] = {}  # (tp, pp, dp, distributed optimizer, recompute) -> every phase fits
+    print(format_plan(rows, mem, cfg.parallel.sequence_parallel))
+    fits: dict[tuple, bool] = {}  # (tp, pp, dp, distributed optimizer, train.recompute) -> every phase fits
     for r in rows:
-        k = (r["tp"], r["pp"], r["dp"], r["distributed_optimizer"], r["recompute"])
+        k = (r["tp"], r["pp"], r["dp"], r["distributed_optimizer"], r["run_recompute"])
         fits[k] = fits.get(k, True) and r["fits"]
     every = [k for k, ok in fits.items() if ok]
     if every:
         tp, pp, dp, do, rc = min(every, key=lambda k: (k[0] * k[1], not k[3], k[4] != "none"))
+        own = [f"{st.name}: {st.recompute}" for st in cfg.curriculum if st.recompute and st.recompute != rc]
         print(f"fits every phase: {len(every)} of {len(fits)} layouts; e.g. TP {tp} x PP {pp} x DP {dp}, "
-              f"distributed optimizer {'on' if do else 'off'}, recompute {rc}")
+              f"distributed optimizer {'on' if do else 'off'}, recompute {rc}"
+              + (f" (stage {', '.join(own)})" if own else ""))
     else:
         print(f"no layout fits every phase in {mem / 2**30:.0f} GiB per GPU on {args.nodes} x {args.gpus_per_node} GPUs")
     return 0

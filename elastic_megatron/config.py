@@ -100,6 +100,12 @@ class ParallelConfig:
     layers_in_last_stage: Optional[int] = None
     distributed_optimizer: bool = False  # shard optimizer state over DP ranks (megatron ZeRO-1)
     backend: str = "auto"  # torch.distributed backend: auto (nccl with CUDA, else gloo), nccl, gloo
+    # Sequence parallelism in train and elastic-train (megatron's, with TP > 1; a no-op at TP 1, as
+    # in Megatron-LM): the residual stream, norms and layer outputs live split along the sequence
+    # over the TP ranks ([s/TP, b, h]), all-gathered before each column-parallel projection and
+    # reduce-scattered after each row-parallel one, instead of replicated. Same numbers, 1/TP of those
+    # activations. Sequence lengths must divide by TP. The other jobs run without it.
+    sequence_parallel: bool = False
 
 
 @dataclass
@@ -244,6 +250,10 @@ class StageConfig:
     # every budget runs its deployed subnet (elastic/deploy.py), sliced (hard) compute, so the
     # subnets that will ship are the ones trained, at sliced cost on long sequences.
     router: str = "learn"
+    # Activation recomputation in this stage: none | full; "" = train.recompute. E.g. full for the
+    # long-context stage only, where activations outgrow the GPU, and none (no extra forward) for
+    # the short stage (`elastic-megatron plan` shows what each stage needs).
+    recompute: str = ""
 
 
 def _default_curriculum() -> list:
@@ -439,6 +449,9 @@ def validate(cfg: RunConfig) -> None:
     d = cfg.data
     if d.seq_length <= 1:
         _fail("data.seq_length", f"must be > 1, got {d.seq_length}")
+    if p.sequence_parallel and d.seq_length % p.tensor:
+        _fail("data.seq_length", f"{d.seq_length} must be a multiple of parallel.tensor ({p.tensor}) with "
+                                 "parallel.sequence_parallel=true")
     if d.seq_length > m.max_sequence_length:
         _fail("data.seq_length", f"{d.seq_length} exceeds model.max_sequence_length ({m.max_sequence_length})")
     if not 1 <= d.min_steps <= d.max_steps:
@@ -523,10 +536,15 @@ def _validate_elastic(cfg: RunConfig) -> None:
         key = f"curriculum.{i}"
         if st.router not in ("learn", "frozen"):
             _fail(f"{key}.router", f"'{st.router}' is not one of learn, frozen")
+        if st.recompute not in ("", *_CHOICES["train.recompute"]):
+            _fail(f"{key}.recompute", f"'{st.recompute}' is not one of none, full (or \"\" for train.recompute)")
         if st.steps <= 0:
             _fail(f"{key}.steps", f"must be > 0, got {st.steps}")
         if st.seq_length < 0 or st.seq_length > cfg.model.max_sequence_length:
             _fail(f"{key}.seq_length", f"must be in [0, model.max_sequence_length], got {st.seq_length}")
+        if cfg.parallel.sequence_parallel and st.seq_length % cfg.parallel.tensor:
+            _fail(f"{key}.seq_length", f"{st.seq_length} must be a multiple of parallel.tensor "
+                                       f"({cfg.parallel.tensor}) with parallel.sequence_parallel=true")
         if st.global_batch_size < 0:
             _fail(f"{key}.global_batch_size", f"must be >= 0, got {st.global_batch_size}")
         gbs = st.global_batch_size or cfg.train.global_batch_size

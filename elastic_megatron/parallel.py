@@ -27,13 +27,16 @@ class ParallelLayout:
     layers_in_last_stage: int | None
     distributed_optimizer: bool
     backend: str  # nccl or gloo
+    sequence_parallel: bool = False  # parallel.sequence_parallel in a training job, TP > 1
 
     @property
     def world_size(self) -> int:
         return self.tensor * self.pipeline * self.data
 
     @staticmethod
-    def resolve(cfg: RunConfig, world_size: int) -> "ParallelLayout":
+    def resolve(cfg: RunConfig, world_size: int, training: bool = False) -> "ParallelLayout":
+        """`training`: train / elastic-train, the jobs that run parallel.sequence_parallel (the others --
+        importance, slice, export, generate -- replicate their activations; no weight depends on it)."""
         p, m, t = cfg.parallel, cfg.model, cfg.train
         tp, pp = p.tensor, p.pipeline
         if world_size < 1:
@@ -74,7 +77,8 @@ class ParallelLayout:
             backend = "nccl" if torch.cuda.is_available() else "gloo"
         if backend == "nccl" and not torch.cuda.is_available():
             raise ConfigError("config key 'parallel.backend': nccl needs CUDA GPUs; use gloo or auto on CPU")
-        return ParallelLayout(tp, pp, dp, first, last, p.distributed_optimizer, backend)
+        return ParallelLayout(tp, pp, dp, first, last, p.distributed_optimizer, backend,
+                              training and p.sequence_parallel and tp > 1)
 
 
 def stage_sizes(num_layers: int, pp: int, first: int | None, last: int | None) -> list[int]:

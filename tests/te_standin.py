@@ -25,6 +25,7 @@ class FusedRMSNormColumnParallelLinear(ColumnParallelLinear):
                          stride=stride, tp_comm_buffer_name=tp_comm_buffer_name, tp_group=tp_group)
         self.eps = config.layernorm_epsilon
         self.layer_norm_weight = torch.nn.Parameter(torch.ones(input_size, dtype=config.params_dtype))
+        self.layer_norm_weight.sequence_parallel = config.sequence_parallel  # as TE marks it
 
     def forward(self, x, *args, **kwargs):
         return super().forward(F.rms_norm(x, (x.shape[-1],), self.layer_norm_weight, self.eps), *args, **kwargs)

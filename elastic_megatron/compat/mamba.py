@@ -8,7 +8,7 @@ megatron-core 0.16.1 reaches for GPU-only code in four named places; we patch ex
 - `mamba_mixer.mamba_split_conv1d_scan_combined` / `mamba_chunk_scan_combined` (triton SSD) and
   `RMSNormGated` (triton gated norm) -> pure-PyTorch versions in `mamba_kernels` with the same
   signatures and semantics. `causal_conv1d_fn` stays None, so megatron uses its nn.Conv1d path.
-- `mamba_block.TENorm` (the final norm is hard-coded to TE) -> megatron's `WrappedTorchNorm`.
+- `mamba_block.TENorm` (the final norm is hard-coded to TE) -> torch's RMSNorm (model/norm.py).
 
 On a GPU machine with mamba-ssm installed none of this is applied and the real kernels run.
 """
@@ -66,9 +66,10 @@ def install() -> None:
     if not te_usable():
         _install_triton_stub()
         import megatron.core.ssm.mamba_block as mamba_block
-        from megatron.core.transformer.torch_norm import WrappedTorchNorm
 
-        mamba_block.TENorm = WrappedTorchNorm
+        from ..model.norm import LocalRMSNorm
+
+        mamba_block.TENorm = LocalRMSNorm
     if have_mamba_ssm():
         return
     if torch.cuda.is_available():

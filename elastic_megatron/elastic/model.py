@@ -7,27 +7,25 @@ we run its parameters through our own layer functions instead of megatron's modu
 the subnet travels as data. Shapes below are per tensor-parallel rank:
 
     tokens [b, s] -> embedding [s, b, h] -> x[..., :hk]                     (hidden prefix)
+    (sequence parallel: the residual stream is [s/tp, b, hk], all-gathered to [s, b, hk] before
+    each column-parallel projection and reduce-scattered back after each row-parallel one)
     Mamba:     in_proj rows [z | x | B | C | dt] of the kept heads / head-dim channels, B/C all
                -> conv1d (kept x channels + all B/C) -> SSD scan -> gated group RMSNorm -> out_proj
     attention: per KV group, the first a query heads + that group's K and V -> causal SDPA -> proj
     MLP:       fc1 rows[:f] -> squared ReLU -> fc2 cols[:f]
     depth:     a dropped layer is the identity
 
-Hard mode (default) slices, so a half-size subnet does about half the FLOPs. The linear layers
-(`_linear`) do not copy the kept part of a weight (fp32): the kept rows / columns form a few
-contiguous runs (per B/C or KV group), each run is one GEMM on a strided view of the parent weight,
-and the backward writes each run's weight gradient straight into the kept part of the gradient
-buffer (megatron DDP's `main_grad` in training, else `.grad`). In bf16 the runs of a summed-over
-dim are concatenated first, so the rounding is that of one GEMM. Soft mode runs the full width and
+Hard mode slices, so a half-size subnet does about half the FLOPs; the projections run on views
+of the parent's weights, never copies (elastic/linear.py). Soft mode runs the full width and
 multiplies activations by probability-weighted prefix masks (router training); with 0/1 masks it
-gives the hard result. RMSNorm over a masked hidden uses the k/d correction
-(eps x k/d, output x sqrt(k/d)), i.e. it normalises over the kept channels only, as the sliced
-model does. Gates (straight-through, value 1) carry the router's gradient into each layer output.
+gives the hard result. RMSNorm over a masked hidden normalises over the kept channels only, as the
+sliced model does (elastic/masked_norm.py). Gates (straight-through, value 1) carry the router's
+gradient into each layer output.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from typing import Optional
 
@@ -37,7 +35,9 @@ from megatron.core import parallel_state as ps
 from megatron.core import tensor_parallel
 from megatron.core.tensor_parallel.mappings import (
     copy_to_tensor_model_parallel_region,
+    gather_from_sequence_parallel_region,
     reduce_from_tensor_model_parallel_region,
+    reduce_scatter_to_sequence_parallel_region,
 )
 
 from ..config import RunConfig
@@ -45,6 +45,8 @@ from ..model.hybrid import squared_relu, stage_layer_offset
 from ..model.recompute import layer_call
 from ..model.weights import pre_norm_weight
 from ..parallel import ParallelLayout
+from .linear import index_runs, kept_rows, sliced_linear
+from .masked_norm import masked_rms_norm
 from .subnet import Subnet, layer_slots
 
 
@@ -58,6 +60,13 @@ class SoftMasks:
     attn_heads: list[torch.Tensor]  # per attention layer [heads] (per-KV-group prefixes)
     ffn: list[torch.Tensor]  # per MLP layer [ffn]
     keep: torch.Tensor  # [L] keep probability per layer
+
+    @classmethod
+    def of(cls, sm: dict) -> "SoftMasks":
+        """From `RouterSet.soft_masks`' dict (an axis whose layer type the pattern lacks is absent)."""
+        return cls(hidden=sm["hidden"], mamba_heads=list(sm.get("mamba_heads", [])),
+                   mamba_head_dim=list(sm.get("mamba_head_dim", [])), attn_heads=list(sm.get("attn_heads", [])),
+                   ffn=list(sm.get("ffn", [])), keep=sm["depth"])
 
     def to(self, dtype: torch.dtype) -> "SoftMasks":
         """In the activations' dtype (bf16 training): an fp32 mask would promote every masked
@@ -96,232 +105,36 @@ def _attn_rows(groups_l: int, hpg: int, d: int, a_per_group: int):
     return torch.tensor(qkv), torch.tensor(proj)
 
 
-def _index_runs(idx: torch.Tensor) -> tuple[tuple[int, int], ...]:
-    """An index tensor as maximal runs of consecutive indices: ((start, length), ...), in order."""
-    runs: list[list[int]] = []
-    for i in idx.tolist():
-        if runs and runs[-1][0] + runs[-1][1] == i:
-            runs[-1][1] += 1
-        else:
-            runs.append([i, 1])
-    return tuple((a, n) for a, n in runs)
-
-
 @lru_cache(maxsize=512)
 def _mamba_runs(heads_l: int, groups_l: int, p: int, n: int, a_per_group: int, d: int):
-    """`_mamba_rows`' in_proj rows and out_proj columns as contiguous runs (see `_linear`)."""
+    """`_mamba_rows`' in_proj rows and out_proj columns as contiguous runs (see linear.py)."""
     rows, _, _, chans = _mamba_rows(heads_l, groups_l, p, n, a_per_group, d)
-    return _index_runs(rows), _index_runs(chans)
+    return index_runs(rows), index_runs(chans)
 
 
 @lru_cache(maxsize=512)
 def _attn_runs(groups_l: int, hpg: int, d: int, a_per_group: int):
-    """`_attn_rows`' linear_qkv rows and linear_proj columns as contiguous runs (see `_linear`)."""
+    """`_attn_rows`' linear_qkv rows and linear_proj columns as contiguous runs (see linear.py)."""
     qkv, proj = _attn_rows(groups_l, hpg, d, a_per_group)
-    return _index_runs(qkv), _index_runs(proj)
-
-
-def _select_rows(t: torch.Tensor, rows) -> torch.Tensor:
-    """t[:rows] for a prefix length, t[rows] for an index tensor."""
-    return t.narrow(0, 0, rows) if isinstance(rows, int) else t.index_select(0, rows.to(t.device))
-
-
-class _SubWeight(torch.autograd.Function):
-    """w[rows] (a small weight: norm, conv, A_log, D, dt_bias) whose backward adds the gradient into
-    the kept rows of the weight's gradient buffer (megatron DDP's `main_grad`, else `.grad`) instead
-    of returning a zero-filled parent-sized gradient. The projections go through `_linear`."""
-
-    @staticmethod
-    def forward(ctx, w, rows):
-        ctx.save_for_backward(w)
-        ctx.rows = rows
-        return _select_rows(w, rows).contiguous()
-
-    @staticmethod
-    def backward(ctx, g):
-        (w,) = ctx.saved_tensors
-        buf = getattr(w, "main_grad", None)
-        if buf is None:
-            if w.grad is None:
-                w.grad = torch.zeros_like(w)
-            buf = w.grad
-        rows = ctx.rows
-        if isinstance(rows, int):
-            buf.narrow(0, 0, rows).add_(g.to(buf.dtype))
-        else:
-            buf.index_add_(0, rows.to(buf.device), g.to(buf.dtype))
-        return None, None
-
-
-def _sub(w: torch.Tensor, rows) -> torch.Tensor:
-    """The kept rows of a weight (a prefix length, or an index tensor of distinct ascending rows as
-    the helpers above make them); `w` itself when all are kept. Decided from sizes alone: comparing
-    the indices would be a host sync in every layer."""
-    n = w.shape[0]
-    if (rows if isinstance(rows, int) else rows.numel()) == n:
-        return w
-    if not (w.requires_grad and torch.is_grad_enabled()):
-        return _select_rows(w, rows)
-    return _SubWeight.apply(w, rows)
-
-
-def _as_runs(sel, size: int) -> tuple[tuple[int, int], ...]:
-    """None (all) | prefix length | runs -> runs."""
-    if sel is None:
-        return ((0, size),)
-    if isinstance(sel, int):
-        return ((0, sel),)
-    return tuple(sel)
-
-
-def _complement(runs, size: int) -> list[tuple[int, int]]:
-    """The runs of [0, size) not covered by `runs`."""
-    out, pos = [], 0
-    for a, n in sorted(runs):
-        if a > pos:
-            out.append((pos, a - pos))
-        pos = max(pos, a + n)
-    if pos < size:
-        out.append((pos, size - pos))
-    return out
-
-
-def _mm_runs(a: torch.Tensor, a_runs, w_blocks, out: torch.Tensor) -> None:
-    """out = sum_j a[:, j-th run] @ w_blocks[j]: a product whose K dim is cut into runs. In fp32 / fp64,
-    one GEMM per run accumulating into `out` (views only); in lower precision the weight blocks are
-    concatenated first, so the sum is one GEMM with one rounding of the result, as in F.linear."""
-    if len(w_blocks) == 1:
-        torch.mm(a, w_blocks[0], out=out)
-    elif a.dtype not in (torch.float32, torch.float64):
-        torch.mm(a, torch.cat(w_blocks, dim=0), out=out)
-    else:
-        i = 0
-        for j, ((_, n), wb) in enumerate(zip(a_runs, w_blocks)):
-            if j == 0:
-                torch.mm(a[:, i:i + n], wb, out=out)
-            else:
-                out.addmm_(a[:, i:i + n], wb)
-            i += n
-
-
-def _plain_ops():
-    """Context for the run-by-run GEMM loops below: they issue many small torch calls (views, mm)
-    and create no tensor on any device, so they skip `__torch_function__` handling, in particular
-    the CPU compat mode of compat/cpu.py (installed only without CUDA), which costs several us per
-    call -- more than a small view or GEMM call itself. Results are unchanged."""
-    return torch._C.DisableTorchFunction()
-
-
-def _linear_fwd(x: torch.Tensor, x2: torch.Tensor, w: torch.Tensor, rows, cols) -> torch.Tensor:
-    """x [..., k] (x2: the same as [N, k]) @ w[rows][:, cols].T on views of the parent weight `w`: each
-    row run writes its own output columns (one GEMM per column run of w, see `_mm_runs`). Returns a
-    new [..., n_out] tensor, not a view (autograd may see it modified in place)."""
-    n_out = sum(n for _, n in rows)
-    with _plain_ops():
-        res = x2.new_empty(*x.shape[:-1], n_out)
-        out, o = res.view(-1, n_out), 0
-        for r0, rn in rows:
-            _mm_runs(x2, cols, [w[r0:r0 + rn, c0:c0 + cn].t() for c0, cn in cols], out[:, o:o + rn])
-            o += rn
-    return res
-
-
-class _ElasticLinear(torch.autograd.Function):
-    """F.linear(x, w[rows][:, cols]) on views of the parent weight `w`, rows / cols being runs of
-    contiguous indices ((start, length), ...). Nothing is gathered in fp32: the forward runs one GEMM
-    per (row run, col run) on strided views of `w` (BLAS takes the row stride as leading dimension),
-    and the backward writes the weight gradient of each block straight into the kept part of the
-    weight's gradient buffer (megatron DDP's `main_grad`, else `.grad`) with one accumulating GEMM,
-    so no sliced-weight copy, temporary gradient or index scatter exists. A new `.grad` is allocated
-    uninitialised and only the part outside the kept blocks is zeroed. The weight's own autograd edge
-    gets None (as with `_SubWeight`: megatron DDP's per-parameter hook then has nothing to add)."""
-
-    @staticmethod
-    def forward(ctx, x, w, rows, cols):
-        x2 = x.reshape(-1, x.shape[-1])  # a copy only when x is not viewable (as in F.linear)
-        ctx.save_for_backward(x2, w)
-        ctx.rows, ctx.cols, ctx.x_shape = rows, cols, x.shape
-        return _linear_fwd(x, x2, w, rows, cols)
-
-    @staticmethod
-    def backward(ctx, g):
-        with _plain_ops():
-            x2, w = ctx.saved_tensors
-            rows, cols = ctx.rows, ctx.cols
-            g2 = g.reshape(-1, g.shape[-1])
-            gx = None
-            if ctx.needs_input_grad[0]:  # gx[:, col run] = g @ w[rows][:, col run]
-                gx, i = g2.new_empty(x2.shape), 0
-                for c0, cn in cols:
-                    _mm_runs(g2, rows, [w[r0:r0 + rn, c0:c0 + cn] for r0, rn in rows], gx[:, i:i + cn])
-                    i += cn
-                gx = gx.view(ctx.x_shape)
-            if ctx.needs_input_grad[1]:  # grad w[row run, col run] = g[:, row run].T @ x[:, col run]
-                buf, fresh = getattr(w, "main_grad", None), False
-                if buf is None:
-                    if w.grad is None:
-                        # Uninitialised: the kept blocks are overwritten below, the rest is zeroed here.
-                        buf, fresh = torch.empty_like(w, memory_format=torch.contiguous_format), True
-                        for a, n in _complement(rows, w.shape[0]):
-                            buf[a:a + n].zero_()
-                        for c0, cn in _complement(cols, w.shape[1]):
-                            for r0, rn in rows:
-                                buf[r0:r0 + rn, c0:c0 + cn].zero_()
-                    else:
-                        buf = w.grad
-                o = 0
-                for r0, rn in rows:
-                    gb, i = g2[:, o:o + rn].t(), 0
-                    for c0, cn in cols:
-                        bb, xb = buf[r0:r0 + rn, c0:c0 + cn], x2[:, i:i + cn]
-                        if fresh:
-                            torch.mm(gb, xb, out=bb)
-                        elif bb.dtype == gb.dtype:
-                            bb.addmm_(gb, xb)
-                        else:  # e.g. bf16 weights, fp32 main_grad: as megatron's DDP hook, compute then add
-                            bb.add_(torch.mm(gb, xb))
-                        i += cn
-                    o += rn
-                if fresh:
-                    w.grad = buf
-        return gx, None, None, None
-
-
-def _linear(x: torch.Tensor, w: torch.Tensor, rows=None, cols=None) -> torch.Tensor:
-    """F.linear(x, w[rows][:, cols]) for rows / cols each None (all), a prefix length or runs of
-    contiguous indices ((start, length), ...); plain F.linear on `w` itself when nothing is cut."""
-    rows, cols = _as_runs(rows, w.shape[0]), _as_runs(cols, w.shape[1])
-    if rows == ((0, w.shape[0]),) and cols == ((0, w.shape[1]),):
-        return F.linear(x, w)
-    if torch.is_grad_enabled() and (x.requires_grad or w.requires_grad):
-        return _ElasticLinear.apply(x, w, rows, cols)
-    return _linear_fwd(x, x.reshape(-1, x.shape[-1]), w, rows, cols)
+    return index_runs(qkv), index_runs(proj)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """RMSNorm over the last dim; with `mask`, over the kept channels only (k/d correction)."""
+    """RMSNorm over the last dim; with `mask`, over the kept channels only (k/d correction, fp32
+    statistics, output masked too: elastic/masked_norm.py)."""
     if mask is None:
         return F.rms_norm(x, (x.shape[-1],), weight, eps)
-    # statistics in fp32 whatever the activations' dtype (as megatron's norms): a bf16 sum of
-    # thousands of mask entries would round the kept count k itself
-    xf, mf = x.float(), mask.float()
-    k = mf.sum().clamp(min=1.0)
-    xm = xf * mf
-    return (xm * torch.rsqrt(xm.pow(2).sum(-1, keepdim=True) / k + eps) * weight.float() * mf).to(x.dtype)
+    return masked_rms_norm(x, weight, mask, eps)
 
 
 def group_rms_norm(y: torch.Tensor, weight: torch.Tensor, groups: int, eps: float,
                    mask: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Mamba's gated-output norm: RMSNorm inside each of `groups` contiguous channel groups."""
+    if mask is not None:  # over each group's kept channels, fp32 statistics (the mask is applied later)
+        return masked_rms_norm(y, weight, mask, eps, groups, mask_output=False)
     shape = y.shape
     yg = y.reshape(*shape[:-1], groups, shape[-1] // groups)
-    if mask is None:
-        out = yg * torch.rsqrt(yg.pow(2).mean(-1, keepdim=True) + eps)
-    else:  # fp32 statistics, as rms_norm above
-        mg = mask.float().reshape(groups, -1)
-        k = mg.sum(-1, keepdim=True).clamp(min=1.0)
-        ygf = yg.float()
-        out = (ygf * mg * torch.rsqrt((ygf * mg).pow(2).sum(-1, keepdim=True) / k + eps)).to(y.dtype)
+    out = yg * torch.rsqrt(yg.pow(2).mean(-1, keepdim=True) + eps)
     return out.reshape(shape) * weight
 
 
@@ -337,6 +150,15 @@ class ElasticHybrid:
         self.slots = layer_slots(cfg.model.hybrid_override_pattern)
         self.full = Subnet.full(cfg.model)
         self.recompute = cfg.train.recompute
+        # megatron's sequence parallelism, as the model was built (its embedding then reduce-scatters)
+        self.sp = bool(model.config.sequence_parallel) and self.tp > 1
+        if self.sp:  # a norm sees part of the sequence: finalize_model_grads must sum its gradient over TP
+            norms = [pre_norm_weight(layer, self.slots[self.offset + i][0]) for i, layer in enumerate(model.decoder.layers)]
+            norms += [model.decoder.final_norm.weight] if model.post_process else []
+            if not all(getattr(w, "sequence_parallel", False) for w in norms):
+                raise RuntimeError("sequence parallelism: a norm weight is not marked `sequence_parallel`, so its "
+                                   "gradient would not be summed over the TP ranks; build the model with "
+                                   "model/spec.py's specs")
 
     def __call__(self, tokens, position_ids, labels=None, subnet: Optional[Subnet] = None,
                  gates: Optional[torch.Tensor] = None, masks: Optional[SoftMasks] = None,
@@ -349,11 +171,17 @@ class ElasticHybrid:
         soft = masks is not None
         hk = self.m.hidden_size if soft else s.hidden
         if model.pre_process:
-            x = model.embedding.word_embeddings(tokens).transpose(0, 1)  # [s, b, h]
+            x = model.embedding.word_embeddings(tokens)  # [b, s, h]; sequence parallel: [s/tp, b, h]
+            x = x if self.sp else x.transpose(0, 1)  # [s, b, h]
         else:  # [s, b, h] from the previous stage (padded, see below)
             x = hidden_in if hidden_in is not None else model.decoder.input_tensor
         if soft:
             masks = masks.to(x.dtype)
+        if self.sp:  # applied to this rank's part of the sequence only: their gradients summed over TP
+            if soft:
+                masks = replace(masks, hidden=self._tp_mask(masks.hidden), keep=self._tp_mask(masks.keep))
+            if gates is not None:
+                gates = self._tp_mask(gates)
         if not soft:
             x = x[..., :hk]
         elif model.pre_process:  # a later stage receives a residual stream that is masked already
@@ -362,20 +190,19 @@ class ElasticHybrid:
             gi = self.offset + i
             if not soft and not s.keep[gi]:
                 if collect is not None and gi in collect:
-                    collect[gi] = x
+                    collect[gi] = self._whole_sequence(x)
                 continue  # a dropped layer is the identity
             gate = gates[gi] if gates is not None else None
             # train.recompute=full: only x is kept for the backward, the layer is recomputed there
             x = x + layer_call(self.recompute, self._layer, layer, gi, x, s, masks, gate)
             if collect is not None and gi in collect:
-                collect[gi] = x
+                collect[gi] = self._whole_sequence(x)
         if not model.post_process:
             # p2p buffers have the parent's width: pad a narrower hidden with zeros.
             return F.pad(x, (0, self.m.hidden_size - x.shape[-1])) if x.shape[-1] < self.m.hidden_size else x
         hmask = masks.hidden if soft else None
-        x = rms_norm(x, _sub(model.decoder.final_norm.weight, hk), self.m.norm_epsilon, hmask)
-        x = copy_to_tensor_model_parallel_region(x)
-        logits = _linear(x, model.output_layer.weight, cols=hk)  # [s, b, V/tp]
+        x = rms_norm(x, kept_rows(model.decoder.final_norm.weight, hk), self.m.norm_epsilon, hmask)
+        logits = sliced_linear(self._enter(x), model.output_layer.weight, cols=hk)  # [s, b, V/tp]
         if labels is None:
             return logits.transpose(0, 1).contiguous()  # [b, s, V/tp]
         loss = tensor_parallel.vocab_parallel_cross_entropy(logits.float(), labels.transpose(0, 1).contiguous())
@@ -388,9 +215,30 @@ class ElasticHybrid:
         kind, k = self.slots[gi]
         fn = {"M": self._mamba, "*": self._attention, "-": self._mlp}[kind]
         out = fn(layer, x, s, k, masks)
-        if masks is not None:
-            out = out * masks.hidden * masks.keep[gi]
+        if masks is not None:  # one product with the [h] scale: autograd keeps `out` once, not three times
+            scale = masks.hidden * masks.keep[gi]
+            return out * (scale * gate if gate is not None else scale)
         return out * gate if gate is not None else out
+
+    def _enter(self, h: torch.Tensor) -> torch.Tensor:
+        """Into a column-parallel projection: the whole sequence on every TP rank ([s/tp, b, k] all-
+        gathered under sequence parallelism, its gradient reduce-scattered; else the replicated
+        stream, its gradient all-reduced)."""
+        if self.sp:
+            return gather_from_sequence_parallel_region(h, tensor_parallel_output_grad=True)
+        return copy_to_tensor_model_parallel_region(h)
+
+    def _leave(self, y: torch.Tensor) -> torch.Tensor:
+        """Out of a row-parallel projection: the ranks' partial sums added (reduce-scattered to each
+        rank's part of the sequence under sequence parallelism; else all-reduced)."""
+        if self.sp:
+            return reduce_scatter_to_sequence_parallel_region(y)
+        return reduce_from_tensor_model_parallel_region(y)
+
+    def _whole_sequence(self, x: torch.Tensor) -> torch.Tensor:
+        """A residual stream for a loss that every TP rank computes whole (intermediate-layer
+        distillation): all-gathered under sequence parallelism, each rank's gradient its own part."""
+        return gather_from_sequence_parallel_region(x, tensor_parallel_output_grad=False) if self.sp else x
 
     def _tp_mask(self, mask: torch.Tensor) -> torch.Tensor:
         """A soft mask that a TP rank uses only in part (its heads, its FFN rows): identity forward,
@@ -402,26 +250,25 @@ class ElasticHybrid:
         """The layer's pre-norm on the kept hidden channels (its weight wherever the spec keeps it)."""
         hk = x.shape[-1]
         w = pre_norm_weight(layer, kind)
-        return rms_norm(x, _sub(w, hk), self.m.norm_epsilon, masks.hidden if masks else None)
+        return rms_norm(x, kept_rows(w, hk), self.m.norm_epsilon, masks.hidden if masks else None)
 
     def _mamba(self, layer, x, s: Subnet, k: int, masks: Optional[SoftMasks]):
         mixer, m = layer.mixer, self.m
         heads_l, groups_l, p, n = m.mamba_num_heads // self.tp, m.mamba_num_groups // self.tp, m.mamba_head_dim, \
             m.mamba_state_dim
         hk = x.shape[-1]
-        h = self._norm(layer, "M", x, masks)
-        h = copy_to_tensor_model_parallel_region(h)
+        h = self._enter(self._norm(layer, "M", x, masks))  # [s, b, hk]
         if masks is None:
             a, d = s.mamba_heads[k] // m.mamba_num_groups, s.mamba_head_dim[k]
         else:
             a, d = heads_l // groups_l, p  # full width, masked below
         _, conv_idx, kept_heads, chans = _mamba_rows(heads_l, groups_l, p, n, a, d, x.device)
         row_runs, chan_runs = _mamba_runs(heads_l, groups_l, p, n, a, d)
-        zxbcdt = _linear(h, mixer.in_proj.weight, rows=row_runs, cols=hk)  # [s, b, *]
+        zxbcdt = sliced_linear(h, mixer.in_proj.weight, rows=row_runs, cols=hk)  # [s, b, *]
         d_in = kept_heads.numel() * d
-        A = -torch.exp(_sub(mixer.A_log, kept_heads).float())
-        conv_w = _sub(mixer.conv1d.weight, conv_idx).squeeze(1)  # [c, w]
-        conv_b = _sub(mixer.conv1d.bias, conv_idx)
+        A = -torch.exp(kept_rows(mixer.A_log, kept_heads).float())
+        conv_w = kept_rows(mixer.conv1d.weight, conv_idx).squeeze(1)  # [c, w]
+        conv_b = kept_rows(mixer.conv1d.bias, conv_idx)
         z, xbc, dt = torch.split(zxbcdt.transpose(0, 1), [d_in, d_in + 2 * groups_l * n, kept_heads.numel()], dim=-1)
         xbc = F.silu(_causal_conv(xbc, conv_w, conv_b))  # [b, s, c]
         xs, B, C = torch.split(xbc, [d_in, groups_l * n, groups_l * n], dim=-1)
@@ -434,21 +281,21 @@ class ElasticHybrid:
         b_, s_ = xs.shape[:2]
         y = _mixer_ops().mamba_chunk_scan_combined(
             xs.reshape(b_, s_, -1, d), dt, A, B.reshape(b_, s_, groups_l, n), C.reshape(b_, s_, groups_l, n),
-            mixer.chunk_size, D=_sub(mixer.D, kept_heads), z=z.reshape(b_, s_, -1, d),
-            dt_bias=_sub(mixer.dt_bias, kept_heads).float(), dt_softplus=True,
+            mixer.chunk_size, D=kept_rows(mixer.D, kept_heads), z=z.reshape(b_, s_, -1, d),
+            dt_bias=kept_rows(mixer.dt_bias, kept_heads).float(), dt_softplus=True,
         ).reshape(b_, s_, d_in)
-        y = group_rms_norm(y, _sub(mixer.norm.weight, chans), groups_l, 1e-5, chan_mask)
-        y = _linear(y.transpose(0, 1), mixer.out_proj.weight, rows=hk, cols=chan_runs)
-        return reduce_from_tensor_model_parallel_region(y)
+        y = group_rms_norm(y, kept_rows(mixer.norm.weight, chans), groups_l, 1e-5, chan_mask)
+        y = sliced_linear(y.transpose(0, 1), mixer.out_proj.weight, rows=hk, cols=chan_runs)
+        return self._leave(y)
 
     def _attention(self, layer, x, s: Subnet, k: int, masks: Optional[SoftMasks]):
         m, att = self.m, layer.self_attention
         groups_l, hpg, d = m.num_query_groups // self.tp, m.num_attention_heads // m.num_query_groups, m.kv_channels
         a = hpg if masks is not None else s.attn_heads[k] // m.num_query_groups
         hk = x.shape[-1]
-        h = copy_to_tensor_model_parallel_region(self._norm(layer, "*", x, masks))
+        h = self._enter(self._norm(layer, "*", x, masks))
         qkv_rows, proj_cols = _attn_runs(groups_l, hpg, d, a)
-        qkv = _linear(h, att.linear_qkv.weight, rows=qkv_rows, cols=hk)  # [s, b, G*(a+2)*d]
+        qkv = sliced_linear(h, att.linear_qkv.weight, rows=qkv_rows, cols=hk)  # [s, b, G*(a+2)*d]
         sq, b_ = qkv.shape[:2]
         qkv = qkv.view(sq, b_, groups_l, a + 2, d)
         q = qkv[:, :, :, :a].reshape(sq, b_, groups_l * a, d).permute(1, 2, 0, 3)  # [b, G*a, s, d]
@@ -461,20 +308,20 @@ class ElasticHybrid:
             hmask = self._tp_mask(masks.attn_heads[k])[r * groups_l * hpg:(r + 1) * groups_l * hpg]
             ctx = ctx * hmask[None, :, None, None]
         ctx = ctx.permute(2, 0, 1, 3).reshape(sq, b_, -1)  # [s, b, G*a*d]
-        out = _linear(ctx, att.linear_proj.weight, rows=hk, cols=proj_cols)
-        return reduce_from_tensor_model_parallel_region(out)
+        out = sliced_linear(ctx, att.linear_proj.weight, rows=hk, cols=proj_cols)
+        return self._leave(out)
 
     def _mlp(self, layer, x, s: Subnet, k: int, masks: Optional[SoftMasks]):
         mlp, hk = layer.mlp, x.shape[-1]
         f = None if masks is not None else s.ffn[k] // self.tp
-        h = copy_to_tensor_model_parallel_region(self._norm(layer, "-", x, masks))
-        inter = squared_relu(_linear(h, mlp.linear_fc1.weight, rows=f, cols=hk))
+        h = self._enter(self._norm(layer, "-", x, masks))
+        inter = squared_relu(sliced_linear(h, mlp.linear_fc1.weight, rows=f, cols=hk))
         if masks is not None:
             # Under TP the sorted FFN is dealt out round-robin (elastic/sorting.py ffn_layout): row i
             # of shard r is the neuron of importance rank i * tp + r, so the mask (by rank) is strided
             inter = inter * self._tp_mask(masks.ffn[k])[ps.get_tensor_model_parallel_rank()::self.tp]
-        out = _linear(inter, mlp.linear_fc2.weight, rows=hk, cols=f)
-        return reduce_from_tensor_model_parallel_region(out)
+        out = sliced_linear(inter, mlp.linear_fc2.weight, rows=hk, cols=f)
+        return self._leave(out)
 
 
 def _causal_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:

@@ -66,6 +66,7 @@ def transformer_config(cfg: RunConfig, layout: ParallelLayout, dtype: torch.dtyp
         attention_dropout=0.0,
         init_method_std=m.init_method_std,
         tensor_model_parallel_size=layout.tensor,
+        sequence_parallel=layout.sequence_parallel,
         pipeline_model_parallel_size=layout.pipeline,
         num_layers_in_first_pipeline_stage=layout.layers_in_first_stage,
         num_layers_in_last_pipeline_stage=layout.layers_in_last_stage,

@@ -3,7 +3,8 @@
 megatron-core builds MambaModel from a `ModuleSpec` tree that names the class of every sub-module.
 0.16.1 ships only a Transformer Engine spec (`mamba_stack_spec`, norms fused into TE linears).
 `local_stack_spec` is the same structure from megatron's own layers — separate RMSNorm modules,
-`ColumnParallelLinear` / `RowParallelLinear`, `DotProductAttention` — so it runs anywhere,
+`ColumnParallelLinear` / `RowParallelLinear`, `DotProductAttention`, torch's RMSNorm
+(model/norm.py, which also takes sequence parallelism) — so it runs anywhere,
 including CPU. The two are numerically the same model; their parameter names differ only where
 TE fuses the pre-norm into the following linear (`layer_norm_weight`). The local spec writes its
 norms under TE's checkpoint keys (`sharded_state_dict_keys_map`, model/weights.py), so checkpoints
@@ -27,9 +28,9 @@ from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.mlp import MLP, MLPSubmodules
 from megatron.core.transformer.spec_utils import ModuleSpec
-from megatron.core.transformer.torch_norm import WrappedTorchNorm
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 
+from .norm import LocalRMSNorm
 from .weights import CANONICAL_KEYS
 
 BACKENDS = ("local", "te")
@@ -43,7 +44,7 @@ def local_stack_spec() -> ModuleSpec:
             mamba_layer=ModuleSpec(
                 module=MambaLayer,
                 submodules=MambaLayerSubmodules(
-                    norm=WrappedTorchNorm,
+                    norm=LocalRMSNorm,
                     mixer=ModuleSpec(
                         module=MambaMixer,
                         submodules=MambaMixerSubmodules(
@@ -57,7 +58,7 @@ def local_stack_spec() -> ModuleSpec:
             attention_layer=ModuleSpec(
                 module=TransformerLayer,
                 submodules=TransformerLayerSubmodules(
-                    input_layernorm=WrappedTorchNorm,
+                    input_layernorm=LocalRMSNorm,
                     self_attention=ModuleSpec(
                         module=SelfAttention,
                         params={"attn_mask_type": AttnMaskType.causal},
@@ -74,7 +75,7 @@ def local_stack_spec() -> ModuleSpec:
             mlp_layer=ModuleSpec(
                 module=MLPLayer,
                 submodules=TransformerLayerSubmodules(
-                    pre_mlp_layernorm=WrappedTorchNorm,
+                    pre_mlp_layernorm=LocalRMSNorm,
                     mlp=ModuleSpec(
                         module=MLP,
                         submodules=MLPSubmodules(

@@ -75,7 +75,7 @@ def elastic_train(cfg: RunConfig, layer_order: list[int] | None = None) -> Elast
         from ..elastic.importance import ImportanceScores
 
         layer_order = ImportanceScores.load(cfg.elastic.importance_path).layer_order
-    layout = ParallelLayout.resolve(cfg, world)
+    layout = ParallelLayout.resolve(cfg, world, training=True)
     if layout.pipeline > 1 and cfg.distill.intermediate_layers:
         raise ConfigError("config key 'distill.intermediate_layers': intermediate-layer distillation needs the "
                           "whole model on one stage (parallel.pipeline=1); drop it or run without pipeline "
@@ -169,6 +169,7 @@ def _elastic_train(cfg: RunConfig, layout: ParallelLayout, layer_order, guard: P
                                               max_steps=stage.max_steps or cfg.data.max_steps))
         train_ds, _ = build_datasets(stage_cfg, tok, num_train=stage.steps * gbs)
         probs = stage_probs(stage, len(names))
+        s_view.recompute = stage.recompute or t.recompute  # the teacher runs without autograd: nothing to keep
         # A frozen stage runs the deployed family, computed from the router as it is now; the router
         # does not change in it, so a resumed run computes the same family again.
         frozen = stage.router == "frozen"
@@ -245,9 +246,7 @@ def _forward_step(s_view, t_view, decisions, router, cfg: RunConfig, data_iterat
     dec = decisions[micro]
     masks = None
     if cfg.elastic.mode == "soft" and not dec.fixed:  # a fixed subnet (full or hand-picked) runs hard
-        sm = router.soft_masks(dec)
-        masks = SoftMasks(hidden=sm["hidden"], mamba_heads=list(sm["mamba_heads"]), mamba_head_dim=list(sm["mamba_head_dim"]),
-                          attn_heads=list(sm["attn_heads"]), ffn=list(sm["ffn"]), keep=sm["depth"])
+        masks = SoftMasks.of(router.soft_masks(dec))
     layers = cfg.distill.intermediate_layers
     s_states, t_states = dict.fromkeys(layers), dict.fromkeys(layers)
     s_in = t_in = None
@@ -301,13 +300,18 @@ def _reduce_metrics(outs: list[dict], mine, decisions, names: list[str], m, voca
     decisions (one per entry of `outs`, which only the last pipeline stage has); `decisions`: those of the whole global batch (the same list on every rank), whose
     first micro-batch of a budget gives that budget's logged subnet."""
     n = len(names)
-    sums = torch.zeros(n, 7, dtype=torch.float64)  # total, kd, ce, router, expected cost, intermediate; count
+    # total, kd, ce, router, expected cost, intermediate; count. Summed where the losses are (one copy to
+    # the host at the end, not one per micro-batch), on the backend's device for the collectives.
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    sums = torch.zeros(n, 7, dtype=torch.float64, device=device)
     if ps.is_pipeline_last_stage():  # the losses exist there only; the other stages add zeros below
-        for out, dec in zip(outs, mine, strict=True):
-            sums[dec.budget_idx, :6] += out["stats"].double().cpu()
-            sums[dec.budget_idx, 6] += 1
-    if torch.cuda.is_available():
-        sums = sums.cuda()
+        assert len(outs) == len(mine) > 0, (len(outs), len(mine))
+        idx = torch.tensor([dec.budget_idx for dec in mine], device=device)
+        onehot = (idx[:, None] == torch.arange(n, device=device)).double()  # [micro, budgets]
+        stats = torch.stack([out["stats"] for out in outs]).to(device, torch.float64)  # [micro, 6]
+        # a matmul, not index_add_: CUDA's index_add_ adds with atomics, in no fixed order
+        sums[:, :6] = onehot.t() @ stats
+        sums[:, 6] = onehot.sum(0)
     dist.all_reduce(sums, group=ps.get_data_parallel_group())
     dist.all_reduce(sums, group=ps.get_pipeline_model_parallel_group())  # last stage -> every stage (rank 0 logs)
     sums = sums.cpu()

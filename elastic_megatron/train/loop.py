@@ -121,7 +121,7 @@ def run_schedule(model, forward_step, data_iter, n_micro: int, cfg: RunConfig, s
 def train(cfg: RunConfig, world_size: int | None = None) -> TrainResult:
     """Train the parent as configured; returns the per-step losses and where things went."""
     world_size = world_size or int(__import__("os").environ.get("WORLD_SIZE", "1"))
-    layout = ParallelLayout.resolve(cfg, world_size)
+    layout = ParallelLayout.resolve(cfg, world_size, training=True)
     init_distributed(layout, cfg.train.seed)
     try:
         with PreemptionGuard() as guard:  # SIGTERM / SIGUSR1: checkpoint after the step, raise Preempted

@@ -11,8 +11,9 @@ At the end: the router (its parameters, its Adam moments, the subnet it deploys 
 and the student's weights.
 
 Two recipes, each with its own single-process reference: the default (soft routing in stage 1, the
-deployed family frozen and trained sliced in stage 2) for dp2, tp2, tp2_sorted_tp2 and tp2pp2, and
-hard routing in both stages (the straight-through gates) for pp2_uneven. Sliced (hard) compute
+deployed family frozen and trained sliced in stage 2) for dp2, tp2, tp2_sorted_tp2, tp2pp2_sp and
+tp2_sp_kd (with intermediate-layer distillation), and hard routing in both stages (the
+straight-through gates) for pp2_uneven. Sliced (hard) compute
 runs in every default run's stage 2. Soft mode under TP needs the router gradient of the masks a
 rank uses only in part (its heads, its FFN rows) summed over TP before the router's average, and
 under PP a later stage must not mask its (already masked) input again: both were wrong until this
@@ -28,9 +29,15 @@ What each 2-process run is compared against:
 - tp2_sorted_tp2: a parent sorted under TP=2 (`importance` on 2 ranks) from the same scores, under
   TP=2. Beyond matching one process, it must give exactly the numbers of tp2: both runs hold the
   same weights in memory.
-- pp2_uneven (3 + 7 layers: PP=2 with an uneven split), tp2pp2: the student and the frozen teacher pipelined together
+- pp2_uneven (3 + 7 layers: PP=2 with an uneven split), tp2pp2_sp: the student and the frozen teacher pipelined together
   (each stage holds both; the p2p tensor is their activations side by side), the router's
   gradient parts summed over the stages, the per-budget metrics gathered from the last stage.
+- tp2pp2_sp and tp2_sp_kd run sequence parallelism: the residual stream split along the sequence
+  over the TP ranks (the p2p tensor too), gathered before and reduce-scattered after each
+  projection; the soft masks', the gates' and the norms' gradients summed over the ranks' parts of
+  the sequence. tp2_sp_kd adds intermediate-layer distillation (its own single-process
+  reference), whose residual streams are gathered for the loss, and recomputes every layer (the
+  sequence-parallel collectives run again in the backward; the numbers do not change).
 Then a parent sorted under TP=2 is sliced in one process (`slice`), and every slice's forward must
 equal the TP=1-loaded parent's under that subnet.
 
@@ -67,14 +74,17 @@ ELASTIC = [*FAST, "curriculum.0.steps=2",  # stage 1: seq 32, 4 micro-batches of
            "curriculum.1.micro_batch_size=2", "curriculum.1.min_steps=2", "curriculum.1.max_steps=4"]
 # The recipe each layout runs: the default (soft routing in stage 1, the deployed family frozen and
 # sliced in stage 2), or hard routing in both stages (the straight-through path).
-RECIPES = {"default": [], "hard": ["elastic.mode=hard", "curriculum.1.router=learn"]}
+RECIPES = {"default": [], "hard": ["elastic.mode=hard", "curriculum.1.router=learn"],
+           "default_kd": ["distill.intermediate_layers=[3,7]", "distill.intermediate_weight=0.5"]}
+SP = "parallel.sequence_parallel=true"
 # layout -> (the TP size its parent was sorted under, overrides of the parallel run, its processes, recipe)
 LAYOUTS = {
     "dp2": (1, ["parallel.data=2"], 2, "default"),
     "tp2": (1, ["parallel.tensor=2"], 2, "default"),
     "tp2_sorted_tp2": (2, ["parallel.tensor=2"], 2, "default"),
     "pp2_uneven": (1, ["parallel.pipeline=2", "parallel.layers_in_first_stage=3"], 2, "hard"),
-    "tp2pp2": (1, ["parallel.tensor=2", "parallel.pipeline=2"], 4, "default"),
+    "tp2pp2_sp": (1, ["parallel.tensor=2", "parallel.pipeline=2", SP], 4, "default"),
+    "tp2_sp_kd": (1, ["parallel.tensor=2", SP, "train.recompute=full"], 2, "default_kd"),
 }
 TOL = 1e-5
 SKIP = {"time", "tokens_per_s"}  # wall clock

@@ -292,7 +292,7 @@ def test_write_the_table_into_results(ws):
     assert len(MEASURED) >= 30, f"only {len(MEASURED)} cases measured (run the whole file)"
     order = {g: i for i, g in enumerate(["config", "checkpoint", "data", "budget", "hf", "signal"])}
     rows = sorted(MEASURED, key=lambda m: order[m[0].group])
-    body = [f"| # | input | case | message (one line on stderr) | exit |", "|---|---|---|---|---|"]
+    body = ["| # | input | case | message (one line on stderr) | exit |", "|---|---|---|---|---|"]
     for i, (case, line, rc) in enumerate(rows, 1):
         body.append(f"| {i} | {case.group} | {case.what} | `{_normalize(line, ws)}` | {rc} |")
     table = "\n".join([BEGIN, *body, END])

@@ -177,6 +177,12 @@ BAD_OVERRIDES = [
                  id="negative-intermediate-weight"),
     pytest.param(['elastic.subnets=["","ffn=0.5"]'], "elastic.subnets", ["one per budget"], id="subnets-count"),
     pytest.param(['elastic.subnets=["","heads=0.5",""]'], "elastic.subnets", ["unknown axis"], id="subnet-axis"),
+    pytest.param(["parallel.tensor=4", "parallel.sequence_parallel=true", "data.seq_length=130"], "data.seq_length",
+                 ["130", "multiple of parallel.tensor (4)"], id="sp-seq-not-divisible"),
+    pytest.param(["parallel.tensor=4", "parallel.sequence_parallel=true", "curriculum.1.seq_length=766"],
+                 "curriculum.1.seq_length", ["766", "parallel.sequence_parallel"], id="sp-stage-seq-not-divisible"),
+    pytest.param(["curriculum.0.recompute=some"], "curriculum.0.recompute", ["'some'", "none, full"],
+                 id="stage-recompute"),
 ]
 
 

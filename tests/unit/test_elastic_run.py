@@ -204,3 +204,37 @@ def test_frozen_stage_trains_the_deployed_family(sorted_parent, tmp_path):
             subnet, target = family[b]
             assert r[f"{b}/subnet"] == subnet.to_dict(), b
             assert abs(r[f"{b}/chosen_params"] / target - 1) <= cfg.elastic.deploy_tolerance, (b, r[f"{b}/chosen_params"])
+
+
+def test_a_stage_recomputes_by_its_own_setting(sorted_parent, tmp_path, monkeypatch):
+    """curriculum.N.recompute overrides train.recompute for that stage only (the student's layers;
+    the teacher runs without autograd and keeps nothing either way)."""
+    import torch
+
+    import elastic_megatron.elastic.model as elastic_model
+
+    seen: list[tuple[int, str]] = []
+    real = elastic_model.layer_call
+    step = {"n": 0}
+
+    def spy(mode, fn, *args):
+        if torch.is_grad_enabled():
+            seen.append((step["n"], mode))
+        return real(mode, fn, *args)
+
+    monkeypatch.setattr(elastic_model, "layer_call", spy)
+    import elastic_megatron.train.elastic_loop as loop
+
+    real_reduce = loop._reduce_metrics
+
+    def count_steps(*a, **k):  # called once per optimizer step, after its forward and backward
+        step["n"] += 1
+        return real_reduce(*a, **k)
+
+    monkeypatch.setattr(loop, "_reduce_metrics", count_steps)
+    stages = "curriculum=[{name: a, steps: 2}, {name: b, steps: 1, recompute: full}, {name: c, steps: 1, recompute: none}]"
+    run_cli(["elastic-train", *sorted_parent, *FAST, stages, "train.recompute=full", f"logging.out_dir={tmp_path}"])
+    modes = {}
+    for n, mode in seen:
+        modes.setdefault(n, set()).add(mode)
+    assert modes == {0: {"full"}, 1: {"full"}, 2: {"full"}, 3: {"none"}}, modes
