@@ -34,10 +34,10 @@ The full-size budget runs as a fixed subnet (no router gate), the largest hard s
 parent's shapes bound every budget in hard mode. A stage whose router learns in soft mode
 (`router: learn` with elastic.mode=soft, the default recipe's stage 1) runs its other budgets at
 full width with prefix masks, where every masked product saves its input for the router's gradient
-(`soft=True` below); the planner counts every in-flight micro-batch of such a stage as a soft one. Not
-modelled: parent training through megatron's own mixer (counted with the elastic layer
-functions), allocator fragmentation (in --overhead) and sequence parallelism (not implemented;
-docs/architecture.md).
+(`soft=True` below); the planner counts every in-flight micro-batch of such a stage as a soft one.
+Sequence parallelism (parallel.sequence_parallel) splits the residual stream, the norms, the layer
+outputs and the p2p tensors over TP (`sp` below). Not modelled: parent training through megatron's
+own mixer (counted with the elastic layer functions) and allocator fragmentation (in --overhead).
 """
 
 from __future__ import annotations

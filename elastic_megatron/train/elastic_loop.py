@@ -208,7 +208,7 @@ def _elastic_train(cfg: RunConfig, layout: ParallelLayout, layer_order, guard: P
                 all_reduce_router_grads(router, replicas=layout.data * layout.tensor)
                 router_opt.step()
             ok, grad_norm, _ = optimizer.step()
-            record = _reduce_metrics(outs, mine, decisions, names, cfg.model, vocab)
+            record = _reduce_metrics(outs, mine, decisions, names, cfg.model, vocab, model_device(student))
             record.update(step=step + 1, stage=stage.name, lr=lr_at(step, sched_cfg), grad_norm=float(grad_norm or 0),
                           tokens_per_s=gbs * seq / (time.perf_counter() - tic))
             result.losses.append(record["loss"])
@@ -295,14 +295,14 @@ def _loss(batch, teacher, dec, cfg: RunConfig, hidden, student):
     return total, {"stats": stats}
 
 
-def _reduce_metrics(outs: list[dict], mine, decisions, names: list[str], m, vocab: int) -> dict:
+def _reduce_metrics(outs: list[dict], mine, decisions, names: list[str], m, vocab: int,
+                    device: torch.device) -> dict:
     """Per-budget means over the micro-batches of all DP ranks, on every rank. `mine`: this rank's
     decisions (one per entry of `outs`, which only the last pipeline stage has); `decisions`: those of the whole global batch (the same list on every rank), whose
     first micro-batch of a budget gives that budget's logged subnet."""
     n = len(names)
-    # total, kd, ce, router, expected cost, intermediate; count. Summed where the losses are (one copy to
-    # the host at the end, not one per micro-batch), on the backend's device for the collectives.
-    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    # total, kd, ce, router, expected cost, intermediate; count. Summed on the model's device, where the
+    # losses are and the collectives run (one copy to the host at the end, not one per micro-batch).
     sums = torch.zeros(n, 7, dtype=torch.float64, device=device)
     if ps.is_pipeline_last_stage():  # the losses exist there only; the other stages add zeros below
         assert len(outs) == len(mine) > 0, (len(outs), len(mine))

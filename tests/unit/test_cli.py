@@ -281,13 +281,9 @@ def test_demo_refuses_a_parent_directory_of_another_run(tmp_path):
 
 # ----------------------------------------------------------------------------- plan
 
-def test_plan_for_the_12b_preset(capsys):
-    from elastic_megatron.cli import main  # in-process: plan builds no model
-
+def test_plan_for_the_12b_preset():
     def rows(*overrides):
-        assert main(["plan", "--config", "nemotron_nano_12b_v2", "--gpu-memory", "80GB", "--nodes", "8",
-                     *overrides]) == 0
-        lines = capsys.readouterr().out.strip().splitlines()
+        lines = ok(em("plan", "--config", "nemotron_nano_12b_v2", "--gpu-memory", "80GB", "--nodes", "8", *overrides))
         assert lines[0].startswith("per-rank memory in GiB (GPU memory 80 GiB")
         tp8 = [x.split() for x in lines[2:-1] if x.split()[:4] == ["8", "1", "8", "elastic"]]
         return {r[4]: r for r in tp8 if r[6] == "yes"}, tp8, lines[-1]  # by stage ("elastic", "long": two words)
@@ -304,6 +300,9 @@ def test_plan_for_the_12b_preset(capsys):
     assert {r[7] for r in tp8 if r[4] == "long"} == {"full"}
     assert {(r[7], r[-1]) for r in tp8 if r[4] == "short" and r[6] == "yes"} == {("none", "yes"), ("full", "yes")}
     assert summary.startswith("fits every phase:") and summary.endswith("recompute none (stage long: full)"), summary
+    # the preset runs sequence parallelism: a stage length TP 8 does not divide is refused in one line
+    one_line_error(em("plan", "--config", "nemotron_nano_12b_v2", "parallel.tensor=8", "curriculum.1.seq_length=49150"),
+                   "curriculum.1.seq_length", "multiple of parallel.tensor (8)")
 
 
 def test_planner_model_state_terms_are_exact():
