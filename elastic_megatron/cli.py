@@ -321,6 +321,7 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = [*args.overrides, *rest]
     if not args.verbose:
         _quiet_cpu_warnings()
+    from .compat.backends import BackendUnavailable
     from .train.preemption import Preempted
 
     try:
@@ -334,7 +335,7 @@ def main(argv: list[str] | None = None) -> int:
             print("elastic-megatron: interrupted (SIGINT); complete checkpoints are kept, an unfinished save "
                   "is removed when the command is run again", file=sys.stderr, flush=True)
         return 130
-    except (ConfigError, DataFormatError, FileNotFoundError) as exc:  # CheckpointError is a ConfigError
+    except (ConfigError, DataFormatError, FileNotFoundError, BackendUnavailable) as exc:  # CheckpointError is a ConfigError
         # Every rank meets the same config or input, so every rank fails alike: rank 0 says it
         # once and all of them exit 2 (torchrun then adds its own summary of the failed ranks).
         if _rank() == 0:

@@ -58,8 +58,12 @@ class ModelConfig:
     layer_mamba_num_heads: list[int] = field(default_factory=list)  # per Mamba layer
     layer_mamba_head_dims: list[int] = field(default_factory=list)  # per Mamba layer
     layer_num_attention_heads: list[int] = field(default_factory=list)  # per attention layer
-    # Layer implementations: auto (Transformer Engine when CUDA and TE are usable, else local),
-    # local (megatron's own layers; runs on CPU), te (Transformer Engine; GPU only).
+    # Layer implementations and Mamba kernels, a ladder probed once per process and printed once
+    # (compat/backends.py): te (Transformer Engine spec; CUDA + transformer-engine), triton
+    # (megatron's local layers + mamba-ssm's Triton scan and gated norm; CUDA + mamba-ssm, its CUDA
+    # extensions not needed), torch (local layers + the pure-PyTorch scan; anywhere). auto takes
+    # the first rung that runs here; local = local layers with the best kernels here (triton, else
+    # torch). A forced rung this machine cannot run stops with one line saying why.
     backend: str = "auto"
 
     @property
@@ -300,7 +304,7 @@ class RunConfig:
 
 _CHOICES = {
     "data.source": ("synthetic", "indexed"),
-    "model.backend": ("auto", "local", "te"),
+    "model.backend": ("auto", "local", "te", "triton", "torch"),
     "train.precision": ("auto", "fp32", "bf16"),
     "train.recompute": ("none", "full"),
     "parallel.backend": ("auto", "nccl", "gloo"),

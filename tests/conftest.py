@@ -27,6 +27,15 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+def stderr_lines(err: str) -> list[str]:
+    """A command's stderr lines apart from the backend ladder's announcement, which must come at most once."""
+    from elastic_megatron.compat.backends import ANNOUNCE
+
+    lines = err.strip().splitlines()
+    assert sum(line.startswith(ANNOUNCE) for line in lines) <= 1, f"backend announced more than once:\n{err[-3000:]}"
+    return [line for line in lines if not line.startswith(ANNOUNCE)]
+
+
 def run_cli(args: list[str], nproc: int = 1, timeout: int = 600, env: dict | None = None) -> subprocess.CompletedProcess:
     """`elastic-megatron ARGS` under torchrun with nproc ranks (gloo on CPU); raises on failure.
 

@@ -4,8 +4,9 @@
 any model is built. On a CUDA machine with the GPU kernels installed it changes nothing.
 
 - `cpu`: megatron's model-parallel RNG tracker and its hard-coded `cuda` device calls (no CUDA only).
-- `mamba`: pure-PyTorch Mamba-2 kernels with mamba-ssm's semantics, patched into megatron's mixer,
-  plus the local (non-Transformer-Engine) norm for MambaStack (whenever mamba-ssm is missing).
+- `backends`: the backend ladder (te -> triton -> torch), probed once per process.
+- `mamba`: which Mamba kernels megatron's mixer runs (mamba-ssm's Triton ones, or the pure-PyTorch
+  ones of `mamba_kernels`), plus the local (non-Transformer-Engine) norm for MambaStack.
 """
 
 from __future__ import annotations
@@ -38,7 +39,29 @@ def install() -> None:
     # Expected on CPU and documented (docs/user_guide.md): torch fallbacks replace TE and apex.
     warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex) (and Apex )?(are|is) not installed.*")
 
+    from . import backends
+
     if not cuda_available():
         cpu.install()
-    mamba.install()
+    p = backends.probe()
+    if p.te is not None:
+        mamba.use_local_final_norm()
+    mamba.use_kernels(backends.mamba_kernels(backends.choose("auto", p), p))
     _INSTALLED = True
+
+
+def select_backend(requested: str) -> str:
+    """The rung `requested` (config key model.backend) runs on here; sets its Mamba kernels, says it once.
+
+    Raises backends.BackendUnavailable (one line) for a forced rung this machine cannot run.
+    """
+    from . import backends, mamba
+
+    install()
+    p = backends.probe()
+    backend = backends.choose(requested, p)
+    kernels = backends.mamba_kernels(backend, p)
+    if mamba.kernels_in_use() != kernels:
+        mamba.use_kernels(kernels)
+    backends.announce(backend, p)
+    return backend

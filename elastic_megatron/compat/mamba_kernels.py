@@ -178,12 +178,25 @@ class RMSNormGated(torch.nn.Module):
                               group_size=self.group_size, norm_before_gate=self.norm_before_gate)
 
 
-def mamba_split_conv1d_scan_combined(zxbcdt, conv1d_weight, conv1d_bias, dt_bias, A, D,
-                                     chunk_size, initial_states=None, seq_idx=None,
-                                     dt_limit=_NO_LIMIT, return_final_states=False,
-                                     activation="silu", rmsnorm_weight=None, rmsnorm_eps=1e-6,
-                                     outproj_weight=None, outproj_bias=None, headdim=None,
-                                     ngroups=1, norm_before_gate=True):
+def split_conv1d_scan_on(scan, gated_norm):
+    """mamba_split_conv1d_scan_combined built from a given SSD scan and gated RMSNorm.
+
+    mamba-ssm's own fused version needs the causal-conv1d CUDA extension; with only its Triton
+    kernels installed (backend `triton`, compat/backends.py) we compose ours around its scan and norm.
+    """
+
+    def combined(*args, **kwargs):
+        return _split_conv1d_scan(scan, gated_norm, *args, **kwargs)
+
+    return combined
+
+
+def _split_conv1d_scan(scan, gated_norm, zxbcdt, conv1d_weight, conv1d_bias, dt_bias, A, D,
+                       chunk_size, initial_states=None, seq_idx=None,
+                       dt_limit=_NO_LIMIT, return_final_states=False,
+                       activation="silu", rmsnorm_weight=None, rmsnorm_eps=1e-6,
+                       outproj_weight=None, outproj_bias=None, headdim=None,
+                       ngroups=1, norm_before_gate=True):
     """Mamba-2 block core: split in_proj output, causal conv, SSD scan, gate/norm, out proj.
 
     zxbcdt (b,l, 2*d_nonssm + 2*dim + 2*g*n + h) = [zx0 (swiglu part, usually empty), z, xBC, dt]
@@ -217,13 +230,13 @@ def mamba_split_conv1d_scan_combined(zxbcdt, conv1d_weight, conv1d_bias, dt_bias
     z = rearrange(z, "b l (h p) -> b l h p", h=nheads)
 
     # With a norm, the gate goes through the norm; without one, the scan gates y * silu(z).
-    y, final_state = mamba_chunk_scan_combined(
+    y, final_state = scan(
         x, dt, A, B, C, chunk_size, D=D, z=z if rmsnorm_weight is None else None, dt_bias=dt_bias,
         initial_states=initial_states, dt_softplus=True, dt_limit=dt_limit,
         return_final_states=True)
     y = rearrange(y, "b l h p -> b l (h p)")
     if rmsnorm_weight is not None:
-        y = rms_norm_gated(y, rmsnorm_weight, None, z=rearrange(z, "b l h p -> b l (h p)"),
+        y = gated_norm(y, rmsnorm_weight, None, z=rearrange(z, "b l h p -> b l (h p)"),
                            eps=rmsnorm_eps, group_size=dim // ngroups,
                            norm_before_gate=norm_before_gate)
     if d_nonssm > 0:
@@ -235,3 +248,7 @@ def mamba_split_conv1d_scan_combined(zxbcdt, conv1d_weight, conv1d_bias, dt_bias
     else:
         assert outproj_bias is None
     return (y, final_state) if return_final_states else y
+
+
+# The pure-PyTorch version, same signature as mamba_ssm.ops.triton.ssd_combined's.
+mamba_split_conv1d_scan_combined = split_conv1d_scan_on(mamba_chunk_scan_combined, rms_norm_gated)

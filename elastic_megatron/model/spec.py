@@ -33,8 +33,6 @@ from megatron.core.transformer.transformer_layer import TransformerLayer, Transf
 from .norm import LocalRMSNorm
 from .weights import CANONICAL_KEYS
 
-BACKENDS = ("local", "te")
-
 
 def local_stack_spec() -> ModuleSpec:
     """MambaStack from megatron's local (non-TE) layers. Norms are separate pre-norm modules."""
@@ -98,15 +96,13 @@ def te_stack_spec() -> ModuleSpec:
 
 
 def resolve_backend(requested: str) -> str:
-    """auto -> te when CUDA and Transformer Engine are both usable, else local."""
-    if requested not in ("auto", *BACKENDS):
-        raise ValueError(f"unknown layer backend '{requested}'; use auto, local or te")
-    if requested != "auto":
-        return requested
-    from ..compat.mamba import te_usable
+    """The ladder's rung for config key model.backend (te, triton or torch; compat/backends.py).
 
-    return "te" if te_usable() else "local"
+    Also points megatron's Mamba mixer at that rung's kernels and prints the choice once.
+    """
+    return compat.select_backend(requested)
 
 
 def stack_spec(backend: str) -> ModuleSpec:
+    """te -> megatron's TE spec; triton / torch (and the older name local) -> the local spec."""
     return te_stack_spec() if backend == "te" else local_stack_spec()

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
-from ..config import LoggingConfig, RunConfig, to_dict
+from ..config import ConfigError, LoggingConfig, RunConfig, to_dict
 
 
 class MetricsLogger:
@@ -66,12 +67,24 @@ class MetricsLogger:
 
 
 def _init_wandb(cfg: RunConfig):
-    import wandb
+    """A W&B run, or None where wandb is not installed and the run is offline (metrics.jsonl has it all).
 
+    wandb is optional so that a bare GPU machine (nothing but the carried wheels, no network;
+    benchmarks/device_wheels.sh) runs everything: an offline W&B run is only a copy of the JSONL.
+    """
     out = Path(cfg.logging.out_dir)
     mode = cfg.logging.wandb_mode
     if mode == "online" and not os.environ.get("WANDB_API_KEY"):
         mode = "offline"  # no key, no network: keep the run on disk, sync it later with `wandb sync`
+    try:
+        import wandb
+    except ImportError:
+        if mode == "online":
+            raise ConfigError("config key 'logging.wandb_mode': online, but wandb is not installed; "
+                              "pip install wandb==0.31.0, or use logging.wandb_mode=offline or disabled") from None
+        print(f"elastic-megatron: wandb is not installed: metrics go to {out / 'metrics.jsonl'} only "
+              "(pip install wandb==0.31.0 for an offline W&B run too)", file=sys.stderr, flush=True)
+        return None
     return wandb.init(
         project=cfg.logging.wandb_project,
         name=cfg.logging.wandb_run_name or out.name,

@@ -1,4 +1,5 @@
-"""CUDA-only checks (skipped without a GPU): the GPU kernels and the TE backend agree with the CPU path."""
+"""CUDA-only checks (skipped without a GPU): each rung of the backend ladder that runs here (te, triton,
+torch; compat/backends.py) agrees with the CPU path, and mamba-ssm's Triton kernels with our scan."""
 
 from __future__ import annotations
 
@@ -8,10 +9,29 @@ import torch
 from tests.conftest import FAST, read_metrics, run_cli
 
 pytestmark = pytest.mark.gpu
+BACKENDS = ["torch", "triton", "te"]
+
+
+def _triton_or_skip():
+    from elastic_megatron.compat import mamba
+
+    why = mamba.why_not_mamba_ssm_triton()
+    if why:
+        pytest.skip(why)
+    return mamba.triton_ops()
+
+
+def _runs_here_or_skip(backend: str) -> None:
+    from elastic_megatron.compat import backends
+
+    try:
+        backends.choose(backend, backends.probe())
+    except backends.BackendUnavailable as exc:
+        pytest.skip(str(exc))
 
 
 def test_pure_torch_scan_matches_mamba_ssm_triton():
-    ssd = pytest.importorskip("mamba_ssm.ops.triton.ssd_combined")
+    ssd, _ = _triton_or_skip()
     from elastic_megatron.compat import mamba_kernels as k
 
     g = torch.Generator(device="cuda").manual_seed(0)
@@ -29,10 +49,25 @@ def test_pure_torch_scan_matches_mamba_ssm_triton():
     assert (ref - ours).abs().max().item() < 1e-3
 
 
-@pytest.mark.parametrize("backend", ["local", "te"])
+def test_split_conv_scan_composed_on_mamba_ssm_triton_matches_ours():
+    """Without causal-conv1d the triton rung composes the Mamba block around mamba-ssm's scan and norm."""
+    ssd, norm = _triton_or_skip()
+    from elastic_megatron.compat import mamba_kernels as k
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    h, p, n, d, conv = 8, 16, 16, 128, 4
+    r = lambda *s: torch.randn(*s, device="cuda", generator=g)  # noqa: E731
+    args = (r(2, 96, 2 * d + 2 * n + h), r(d + 2 * n, conv), r(d + 2 * n), r(h), -torch.rand(h, device="cuda") - 0.5,
+            r(h), 32)
+    kw = dict(rmsnorm_weight=r(d).abs() + 0.5, headdim=p, ngroups=1)
+    ref = k.mamba_split_conv1d_scan_combined(*args, **kw)
+    ours = k.split_conv1d_scan_on(ssd.mamba_chunk_scan_combined, norm.rmsnorm_fn)(*args, **kw)
+    assert (ref - ours).abs().max().item() < 2e-3
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_tiny_parent_trains_on_gpu_like_on_cpu(tmp_path, backend):
-    if backend == "te":
-        pytest.importorskip("transformer_engine.pytorch")
+    _runs_here_or_skip(backend)
     args = ["train", "train.steps=5", *FAST, "train.precision=fp32", f"model.backend={backend}"]
     run_cli([*args, f"logging.out_dir={tmp_path / 'gpu'}"], nproc=1)
     run_cli([*args, f"logging.out_dir={tmp_path / 'cpu'}", "model.backend=local"], nproc=1,
@@ -41,12 +76,11 @@ def test_tiny_parent_trains_on_gpu_like_on_cpu(tmp_path, backend):
     assert max(abs(a - b) for a, b in zip(gpu, cpu)) < 5e-3, (gpu, cpu)
 
 
-@pytest.mark.parametrize("backend", ["local", "te"])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_elastic_training_on_gpu_tracks_cpu(tmp_path, backend):
     """The elastic path on CUDA (router, masks, KD, recomputation on the GPU, bf16 with fp32 main
     grads) against the same run in fp32 on the CPU: the same budgets drawn, losses within 2%."""
-    if backend == "te":
-        pytest.importorskip("transformer_engine.pytorch")
+    _runs_here_or_skip(backend)
     from tests.conftest import make_sorted_parent
 
     parent = make_sorted_parent(tmp_path / "parent", [*FAST, "data.seq_length=32", "train.micro_batch_size=2",

@@ -22,7 +22,7 @@ from typing import Callable
 
 import pytest
 
-from tests.conftest import FAST, REPO
+from tests.conftest import FAST, REPO, stderr_lines
 
 TINY = [*FAST, "data.seq_length=32", "train.micro_batch_size=2", "train.global_batch_size=2"]
 RESULTS = REPO / "docs" / "results.md"
@@ -235,7 +235,7 @@ def test_bad_input_is_one_line(ws, case, capfd):
     except SystemExit as exc:  # argparse's own errors
         rc = exc.code
     out, err = capfd.readouterr()
-    lines = err.strip().splitlines()
+    lines = stderr_lines(err)
     assert rc == case.rc, (rc, out[-2000:], err[-4000:])
     assert len(lines) == 1, err[-4000:]
     assert lines[0].startswith("elastic-megatron: error: "), lines[0]
@@ -269,7 +269,7 @@ def test_signal_mid_train_is_one_line(tmp_path, signum):
         time.sleep(0.1)
     p.send_signal(signum)
     _, err = p.communicate(timeout=120)
-    lines = err.strip().splitlines()
+    lines = stderr_lines(err)
     assert p.returncode == 128 + signum, (p.returncode, err[-3000:])
     assert len(lines) == 1 and lines[0].startswith("elastic-megatron: "), err[-3000:]
     assert signal.Signals(signum).name in lines[0]

@@ -27,6 +27,7 @@ SUBNET = Subnet(144, (12, 8, 12, 8), (18, 24, 12, 18), (4, 8), (384, 192, 576, 3
 def env():
     os.environ.setdefault("MASTER_PORT", str(29700 + os.getpid() % 90))
     import elastic_megatron.model.spec as spec
+    from elastic_megatron.compat import backends
     from elastic_megatron.parallel import ParallelLayout, destroy_distributed, init_distributed
     from tests.te_standin import te_layout_spec
 
@@ -35,12 +36,15 @@ def env():
     cfg = load_config(None, ["model.backend=local"])
     layout = ParallelLayout.resolve(cfg, 1)
     init_distributed(layout, cfg.train.seed)
-    original = spec.te_stack_spec
+    original, machine = spec.te_stack_spec, backends.probe()
     spec.te_stack_spec = te_layout_spec  # what model.backend=te builds, here
+    # the ladder would refuse te on CPU: pretend TE imports (its layout is the stand-in's)
+    backends.set_probe(backends.Probe(cuda=False, te=None, triton="CPU stand-in: no Triton kernels"))
     g = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, VOCAB, (2, 40), generator=g)
     yield cfg, layout, tokens, torch.arange(40).expand(2, 40)
     spec.te_stack_spec = original
+    backends.set_probe(machine)
     destroy_distributed()
     torch.set_num_threads(threads)
 
