@@ -204,6 +204,14 @@ class ElasticConfig:
     # the router's most probable one whose exact cost is within this fraction of the target
     # (elastic/deploy.py); 0 = the plain argmax of the router's logits, wherever it lands.
     deploy_tolerance: float = 0.02
+    # Router proposes, validation disposes: at the start of the first `router: frozen` stage, up to
+    # this many on-budget proposals per budget (the router's subnet, then the same search with one
+    # axis cut below the router's mode, elastic/deploy.py) are scored on the student's held-out loss
+    # (deploy_calibration_samples validation sequences) and the lowest is deployed; the checkpoint
+    # records that family, so slice / export-hf / generate cut the same one. 1 = the router's subnet
+    # only. Why: issue 23, the router's choice at 0.5 can flip between seeds (docs/results.md).
+    deploy_candidates: int = 4
+    deploy_calibration_samples: int = 16
     importance_batches: int = 8  # calibration micro-batches for importance estimation
     importance_path: str = ""  # saved scores (.pt); empty = <logging.out_dir>/importance.pt
     depth_metric: str = "nmse"  # layer ranking: nmse (iterative normalized MSE of logits) or cosine
@@ -536,6 +544,10 @@ def _validate_elastic(cfg: RunConfig) -> None:
         _fail("curriculum", "needs at least one stage")
     if not 0 <= e.deploy_tolerance < 0.5:
         _fail("elastic.deploy_tolerance", f"must be in [0, 0.5), got {e.deploy_tolerance}")
+    if e.deploy_candidates < 1:
+        _fail("elastic.deploy_candidates", f"must be >= 1 (1 = the router's subnet only), got {e.deploy_candidates}")
+    if e.deploy_calibration_samples < 1:
+        _fail("elastic.deploy_calibration_samples", f"must be >= 1, got {e.deploy_calibration_samples}")
     for i, st in enumerate(cfg.curriculum):
         key = f"curriculum.{i}"
         if st.router not in ("learn", "frozen"):

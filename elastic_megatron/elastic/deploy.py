@@ -43,8 +43,12 @@ def _limits(router, axis: str, order: list[int], cap: Optional[Subnet]) -> list[
     return [max((p for p, i in enumerate(order) if vals[i] <= lim), default=0) for lim in limits]
 
 
-def deployed_subnet(router, budget_idx: int, cap: Optional[Subnet] = None, tol: float = 0.02) -> Subnet:
-    """The subnet `slice` cuts for one budget (module docstring); `cap`: the next larger budget's."""
+def deployed_subnet(router, budget_idx: int, cap: Optional[Subnet] = None, tol: float = 0.02,
+                    cut: Optional[str] = None) -> Optional[Subnet]:
+    """The subnet `slice` cuts for one budget (module docstring); `cap`: the next larger budget's.
+    `cut`: an axis forced one step below the router's mode on every row (and kept at or below it), so
+    the search spends the budget elsewhere: one alternative proposal for `deployed_candidates`
+    (None when that axis is at its smallest choice already)."""
     target = router.targets[budget_idx]
     with torch.no_grad():
         logp = {a: torch.log_softmax(z.double(), -1).cpu() for a, z in router.logits(budget_idx).items()}
@@ -55,6 +59,11 @@ def deployed_subnet(router, budget_idx: int, cap: Optional[Subnet] = None, tol: 
     # state: per axis, per row, a position in value order; start at the argmax under the cap
     pos = {a: [max(range(limit[a][r] + 1), key=lambda p, row=row, a=a: float(row[order[a][p]]))
                for r, row in enumerate(lp.view(-1, lp.shape[-1]))] for a, lp in logp.items()}
+    if cut is not None:
+        if all(p == 0 for p in pos[cut]):
+            return None  # already at its smallest choice: no alternative along this axis
+        limit[cut] = [max(p - 1, 0) for p in pos[cut]]
+        pos[cut] = list(limit[cut])
 
     def subnet(p) -> Subnet:
         return router.to_subnet({a: torch.tensor([order[a][i] for i in rows]).view(logp[a].shape[:-1])
@@ -114,14 +123,41 @@ def deployed_subnet(router, budget_idx: int, cap: Optional[Subnet] = None, tol: 
     return subnet(pos)
 
 
-def deployed_family(router, fixed: dict[int, Subnet], tol: float) -> list[Subnet]:
+def deployed_candidates(router, budget_idx: int, cap: Optional[Subnet], tol: float, k: int) -> list[Subnet]:
+    """Up to `k` distinct on-budget proposals inside `cap`: the router's deployed subnet first, then
+    the same search with one axis cut a step below the router's mode (`cut`), axes in the order the
+    router lists them. Why: at small budgets the router's logits are close between "cut this axis"
+    and "cut that one" (which layers, which widths), so its mode can flip between seeds
+    (docs/results.md, issue 23); a few such alternatives, scored on held-out loss, decide on evidence."""
+    out = [deployed_subnet(router, budget_idx, cap, tol)]
+    lo, hi = router.targets[budget_idx] * (1 - tol), router.targets[budget_idx] * (1 + tol)
+    with torch.no_grad():
+        axes = list(router.logits(budget_idx))
+    for axis in axes:
+        if len(out) >= k:
+            break
+        s = deployed_subnet(router, budget_idx, cap, tol, cut=axis)
+        # only subnets on budget, nested in the larger one, and new
+        if s is not None and lo <= router.cost_of(s) <= hi and (cap is None or s.is_within(cap)) and s not in out:
+            out.append(s)
+    return out[:k]
+
+
+def deployed_family(router, fixed: dict[int, Subnet], tol: float, score=None, k: int = 1) -> list[Subnet]:
     """One subnet per budget (largest first), nested: a fixed one where `fixed` has it (the full
-    model, a hand-picked subnet), else `deployed_subnet` inside the previous budget's."""
+    model, a hand-picked subnet), else `deployed_subnet` inside the previous budget's. With `score`
+    (subnet -> held-out loss) and k > 1: the router proposes `deployed_candidates`, the lowest
+    score is deployed (router proposes, validation disposes); each budget is chosen inside the
+    larger budget's *chosen* subnet, so the family stays nested."""
     out: list[Subnet] = []
     for b in range(len(router.targets)):
         cap = out[-1] if out else None
         if b in fixed:
             out.append(fixed[b])
+        elif tol <= 0:
+            out.append(router.inference(b))
+        elif score is not None and k > 1:
+            out.append(min(deployed_candidates(router, b, cap, tol, k), key=score))
         else:
-            out.append(deployed_subnet(router, b, cap, tol) if tol > 0 else router.inference(b))
+            out.append(deployed_subnet(router, b, cap, tol))
     return nest_family(out)  # a hand-picked subnet need not fit inside the one before it

@@ -133,6 +133,11 @@ def choose_family(cfg: RunConfig, loop: dict, vocab: int, budgets: list[str], ro
         use = cfg
         router = build_router(cfg, vocab, layer_order=order, tp=1)
         router.load_state_dict(loop["router"])
+        if loop.get("family"):  # the family a frozen stage chose on held-out loss and trained (deploy.py)
+            from .subnet import Subnet
+
+            family = dict(zip(trained, zip([Subnet.from_dict(d) for d in loop["family"]], router.targets)))
+            return {b: family[b] for b in budgets}
     else:
         router = None
         if set(budgets) <= set(trained):  # a family of fixed subnets (full / hand-picked): no router to fit

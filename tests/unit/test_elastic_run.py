@@ -196,6 +196,9 @@ def test_frozen_stage_trains_the_deployed_family(sorted_parent, tmp_path):
     for k, v in loops[2]["router"].items():  # the frozen stage did not move the router (nor its Adam)
         assert torch.equal(v, loops[4]["router"][k]), k
     family = choose_family(cfg, loops[4], 64, [])
+    # the frozen stage chose its family on held-out loss (deploy_candidates) and recorded it: slice
+    # cuts that recorded family, not a re-derivation from the router
+    assert "family" not in loops[2] and loops[4]["family"] == [family[b][0].to_dict() for b in cfg.elastic.budgets]
     records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     frozen = [r for r in records if r["stage"] == "fixed"]
     assert frozen and all(r[f"{b}/router_loss"] == 0.0 for r in frozen for b in r["budgets_seen"].split(","))
