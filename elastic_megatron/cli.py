@@ -161,6 +161,20 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError as exc:
+        raise ConfigError(f"serve needs FastAPI and uvicorn ({exc}); pip install 'elastic-megatron[serve]'") from None
+    from .serve.app import serve
+
+    if not 0 <= args.port <= 65535:
+        raise ConfigError(f"--port {args.port}: give a TCP port (0-65535)")
+    serve(_export_config(args), args.budget, args.host, args.port, args.router, args.answer_switch)
+    return 0
+
+
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
@@ -248,6 +262,20 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--prompt", action="append", default=[], help="prompt text (repeatable)")
             p.add_argument("--max-new", type=int, default=64, help="largest number of new tokens")
         p.set_defaults(func=func)
+    p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server for every budget of one checkpoint "
+                                     "(one set of weights, the budget chosen per request)")
+    p.add_argument("--checkpoint", default="", help="elastic-train / sorted run or checkpoint (its config is read from it)")
+    _add_config_args(p)
+    p.add_argument("--budget", action="append", default=[],
+                   help="budget to serve (repeatable): 6B, 0.5, ...; default: elastic.budgets. The full model is "
+                        "always served")
+    p.add_argument("--router", default="", help="a saved router (torch.save'd RouterSet)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    p.add_argument("--port", type=int, default=8000, help="TCP port")
+    p.add_argument("--answer-switch", default="a:", help="the text where a budget_schedule request switches from "
+                                                         "its think budget to its answer budget (default: the "
+                                                         "demo corpus's answer line)")
+    p.set_defaults(func=cmd_serve)
     return parser
 
 

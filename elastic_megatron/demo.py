@@ -139,13 +139,28 @@ def run_demo(out_dir: str, overrides: list[str] | None = None, n_short: int = 25
     hf = _export_family(el_cfg, result.checkpoint, out / "hf", cfg.train.seed)
     _say(f"  {hf['budget']} via transformers: {hf['prompt']!r} -> {hf['answer_text']!r} (expected {hf['expected']})")
     timings["export_s"] = time.time() - t0 - sum(timings.values())
+    _say("serving: every budget from the one elastic checkpoint (what `elastic-megatron serve` runs)")
+    serving = _serving(el_cfg, result.checkpoint, n_long, cfg.train.seed)
+    for label, r in serving["schedule"]["modes"].items():
+        _say(f"  {label}: long accuracy {r['accuracy_long']:.3f} ± {r['se']:.3f} in {r['wall_s']:.1f} s")
+    timings["serve_s"] = time.time() - t0 - sum(timings.values())
     report = {"budgets": rows, "parent_before_elastic": parent_eval, "homogeneous_baseline": baseline,
               "timings_s": {k: round(v, 1) for k, v in timings.items()},
               "total_s": round(time.time() - t0, 1), "nested": _nested(rows), "chance_accuracy": "~0 (exact match)",
-              "hf_export": hf}
+              "hf_export": hf, "serving": serving}
     _write_report(out, report)
     _say(f"done in {report['total_s']:.0f} s: {out / 'report.md'}")
     return report
+
+
+def _serving(cfg: RunConfig, checkpoint: str, n_long: int, seed: int) -> dict:
+    """One engine holding every budget: its memory against the parent's, decode tokens/s per budget
+    against the same budget cut to its own size, and think-small / answer-full on the long problems
+    beside each alone (serve/report.py; benchmarks/serve_bench.py measures the same, larger)."""
+    from .serve.report import decode_speed, schedule_accuracy
+
+    c = replace(cfg, checkpoint=replace(cfg.checkpoint, load=checkpoint))
+    return {"decode": decode_speed(c, batch=8, steps=16, rounds=3), "schedule": schedule_accuracy(c, n_long, seed)}
 
 
 def _finished(cfg: RunConfig) -> bool:
@@ -313,6 +328,24 @@ def _write_report(out: Path, report: dict) -> None:
                   f"{'correct' if hf['correct'] else 'wrong'}. Our own decoder on the same budget, cut from "
                   f"the elastic checkpoint at load time, gives {'the same text' if hf['same_as_ours'] else 'a different text'}.",
                   ""]
+    sv = report.get("serving")
+    if sv:
+        mem, dec = sv["decode"]["memory"], sv["decode"]["per_budget"]
+        lines += ["## One checkpoint serving every budget", "",
+                  f"Memory: one engine holding all {len(dec)} budgets holds {mem['all_budgets_vs_parent']:.3f}x the "
+                  f"parent's weights ({mem['parent_bytes']:,} bytes + {mem['gathered_bytes']:,} of gathered "
+                  f"per-channel vectors); the budgets exported as separate models hold "
+                  f"{mem['exported_separately_vs_parent']:.2f}x.", "",
+                  "| budget | model id | decode tok/s, engine (views) | exported at its own size | ratio |",
+                  "|---|---|---|---|---|"]
+        lines += [f"| {name} | {r['model']} | {r['engine_tok_s']:.0f} | {r['exported_tok_s']:.0f} | "
+                  f"{r['engine_vs_exported']:.2f} |" for name, r in dec.items()]
+        lines += ["", f"Budget schedule on {sv['schedule']['n_long']} long problems (greedy, 200 new tokens at most; "
+                      "the think budget writes the steps, the answer budget re-reads everything and writes the "
+                      "answer line):", "", "| mode | long accuracy | wall time |", "|---|---|---|"]
+        lines += [f"| {label} | {r['accuracy_long']:.3f} ± {r['se']:.3f} | {r['wall_s']:.1f} s |"
+                  for label, r in sv["schedule"]["modes"].items()]
+        lines.append("")
     for r in report["budgets"]:
         a = r["architecture"]
         lines.append(f"- **{r['name']}**: hidden {a['hidden']}, mamba heads {a['mamba_heads']}, head dim "

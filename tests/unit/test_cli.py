@@ -246,7 +246,7 @@ def test_demo_writes_a_nested_evaluated_family(tmp_path):
     for r in saved["budgets"] + [saved["parent_before_elastic"]]:
         assert r["heldout_loss"] > 0 and 0 <= r["accuracy_short"] <= 1 and 0 <= r["accuracy_long"] <= 1
     assert saved["total_s"] > 0 and set(saved["timings_s"]) == {"parent_s", "parent_eval_s", "importance_s",
-                                                                "elastic_s", "slice_eval_s", "export_s"}
+                                                                "elastic_s", "slice_eval_s", "export_s", "serve_s"}
     # the parent's length curriculum: short problems, then the 2-6-step mix at 256 tokens
     from elastic_megatron.config import load_config
 
@@ -260,6 +260,10 @@ def test_demo_writes_a_nested_evaluated_family(tmp_path):
     assert [r["name"] for r in base] == ["0.75", "0.5"] and all("accuracy_short_se" in r for r in base)
     assert abs(base[1]["params"] / params[2] - 1) < 0.05
     assert "baseline 0.5: homogeneous prune, no training" in (out / "report.md").read_text()
+    sv = saved["serving"]  # one engine serving every budget: memory, decode speed, budget schedule
+    assert sv["decode"]["memory"]["all_budgets_vs_parent"] < 1.05 and set(sv["decode"]["per_budget"]) == {"1.0", "0.75", "0.5"}
+    assert len(sv["schedule"]["modes"]) == 3 and all(r["wall_s"] > 0 for r in sv["schedule"]["modes"].values())
+    assert "One checkpoint serving every budget" in (out / "report.md").read_text()
     hf = saved["hf_export"]  # the family in HF format; the smallest answered through transformers
     assert [r["budget"] for r in hf["exported"]] == ["1.0", "0.75", "0.5"] and hf["budget"] == "0.5"
     for r, b in zip(hf["exported"], saved["budgets"]):
