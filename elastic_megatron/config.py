@@ -208,9 +208,12 @@ class ElasticConfig:
     # this many on-budget proposals per budget (the router's subnet, then the same search with one
     # axis cut below the router's mode, elastic/deploy.py) are scored on the student's held-out loss
     # (deploy_calibration_samples validation sequences) and the lowest is deployed; the checkpoint
-    # records that family, so slice / export-hf / generate cut the same one. 1 = the router's subnet
-    # only. Why: issue 23, the router's choice at 0.5 can flip between seeds (docs/results.md).
-    deploy_candidates: int = 4
+    # records that family, so slice / export-hf / generate cut the same one. 1 (default) = the
+    # router's subnet only: on the one seed measured the search kept the router's proposals, and a
+    # pipeline-parallel run cannot score them (no rank holds the whole model), so > 1 needs
+    # parallel.pipeline=1. Why: issue 23, the router's choice at 0.5 can flip between seeds
+    # (docs/results.md).
+    deploy_candidates: int = 1
     deploy_calibration_samples: int = 16
     importance_batches: int = 8  # calibration micro-batches for importance estimation
     importance_path: str = ""  # saved scores (.pt); empty = <logging.out_dir>/importance.pt
@@ -546,6 +549,10 @@ def _validate_elastic(cfg: RunConfig) -> None:
         _fail("elastic.deploy_tolerance", f"must be in [0, 0.5), got {e.deploy_tolerance}")
     if e.deploy_candidates < 1:
         _fail("elastic.deploy_candidates", f"must be >= 1 (1 = the router's subnet only), got {e.deploy_candidates}")
+    if e.deploy_candidates > 1 and cfg.parallel.pipeline > 1:
+        _fail("elastic.deploy_candidates", f"{e.deploy_candidates} needs parallel.pipeline=1: the proposals are scored "
+              "by a whole-model forward on one rank, so a pipeline run would deploy another family than the same run "
+              "on one process; set elastic.deploy_candidates=1")
     if e.deploy_calibration_samples < 1:
         _fail("elastic.deploy_calibration_samples", f"must be >= 1, got {e.deploy_calibration_samples}")
     for i, st in enumerate(cfg.curriculum):

@@ -105,7 +105,11 @@ def test_family_deploys_the_lowest_scored_proposal_and_stays_nested(seed):
 def test_deploy_candidates_is_validated():
     from elastic_megatron.config import ConfigError, load_config
 
-    assert load_config(None).elastic.deploy_candidates == 4
+    assert load_config(None).elastic.deploy_candidates == 1
     for key in ("elastic.deploy_candidates=0", "elastic.deploy_calibration_samples=0"):
         with pytest.raises(ConfigError, match=key.split("=")[0]):
             load_config(None, [key])
+    # a pipeline run cannot score proposals, and must deploy what the one-process run deploys
+    with pytest.raises(ConfigError, match="elastic.deploy_candidates.*parallel.pipeline=1"):
+        load_config(None, ["elastic.deploy_candidates=4", "parallel.pipeline=2"])
+    assert load_config(None, ["elastic.deploy_candidates=4", "parallel.tensor=2"]).elastic.deploy_candidates == 4

@@ -189,7 +189,7 @@ def test_frozen_stage_trains_the_deployed_family(sorted_parent, tmp_path):
     stages = "curriculum=[{name: learn, steps: 2}, {name: fixed, steps: 2, router: frozen}]"
     out = tmp_path / "run"
     run_cli(["elastic-train", *sorted_parent, *FAST, stages, "elastic.mode=soft", "checkpoint.save_interval=0",
-             f"logging.out_dir={out}"])
+             "elastic.deploy_candidates=4", f"logging.out_dir={out}"])
     cfg = load_config(str(out / "config.yaml"))
     loops = {s: torch.load(out / "checkpoints" / f"iter_{s:07d}" / "common.pt", weights_only=False)["loop"]
              for s in (2, 4)}
