@@ -63,19 +63,8 @@ class CachedDecoder:
         if self.state[i] is None:
             w = mx.conv1d.weight.shape[-1]
             self.state[i] = (x.new_zeros(b, xbc.shape[-1], w), x.new_zeros(b, H, p, N, dtype=torch.float32))
-        conv, ssm = self.state[i]
-        conv.copy_(torch.cat([conv[:, :, 1:], xbc[:, :, None]], dim=-1))  # shift in the newest input
-        xbc = F.silu((conv * mx.conv1d.weight.squeeze(1)).sum(-1) + mx.conv1d.bias)  # [b, c]
-        xs, B, C = torch.split(xbc, [d_in, G * N, G * N], dim=-1)
-        xs = xs.view(b, H, p).float()
-        B = B.view(b, G, 1, N).expand(b, G, H // G, N).reshape(b, H, N).float()  # head h uses group h // (H/G)
-        C = C.view(b, G, 1, N).expand(b, G, H // G, N).reshape(b, H, N).float()
-        dt = F.softplus(dt.float() + mx.dt_bias.float())  # [b, H]
-        A = -torch.exp(mx.A_log.float())  # [H]
-        ssm.mul_(torch.exp(dt * A)[:, :, None, None]).add_(dt[:, :, None, None] * xs[..., None] * B[:, :, None, :])
-        y = (ssm * C[:, :, None, :]).sum(-1) + mx.D.float()[None, :, None] * xs  # [b, H, p]
-        y = y.reshape(b, d_in).to(x.dtype) * F.silu(z)
-        y = group_rms_norm(y, mx.norm.weight, G, 1e-5)
+        y = mamba_step(self.state[i], xbc, z, dt, mx.conv1d.weight.squeeze(1), mx.conv1d.bias,
+                       -torch.exp(mx.A_log.float()), mx.D.float(), mx.dt_bias.float(), mx.norm.weight, G)
         return F.linear(y, mx.out_proj.weight)
 
     def _attention(self, i: int, layer, x: torch.Tensor) -> torch.Tensor:
@@ -94,6 +83,29 @@ class CachedDecoder:
         k, v = k.repeat_interleave(hpg, dim=1), v.repeat_interleave(hpg, dim=1)
         ctx = F.scaled_dot_product_attention(q, k, v)  # the newest position sees every cached one
         return F.linear(ctx.reshape(b, G * hpg * d), att.linear_proj.weight)
+
+
+def mamba_step(state, xbc, z, dt, conv_w, conv_b, A, D, dt_bias, norm_w, groups: int) -> torch.Tensor:
+    """One decode step of a Mamba-2 mixer after its in_proj, up to (not including) out_proj; the state
+    (conv [b, c, w], ssm [b, H, p, N] fp32) is updated in place. Inputs head-major: z [b, H*p],
+    xbc [b, H*p + 2GN], dt [b, H]; conv_w [c, w]. Shared by CachedDecoder (a sliced model's own
+    weights) and serve/engine.py (a budget's kept channels of the parent). Returns y [b, H*p]."""
+    conv, ssm = state
+    b, H = dt.shape
+    N = ssm.shape[-1]
+    p = z.shape[-1] // H
+    conv.copy_(torch.cat([conv[:, :, 1:], xbc[:, :, None]], dim=-1))  # shift in the newest input
+    xbc = F.silu((conv * conv_w).sum(-1) + conv_b)  # [b, c]
+    xs, B, C = torch.split(xbc, [H * p, groups * N, groups * N], dim=-1)
+    xs = xs.view(b, H, p).float()
+    a = H // groups
+    B = B.view(b, groups, 1, N).expand(b, groups, a, N).reshape(b, H, N).float()  # head h uses group h // a
+    C = C.view(b, groups, 1, N).expand(b, groups, a, N).reshape(b, H, N).float()
+    dt = F.softplus(dt.float() + dt_bias)  # [b, H]
+    ssm.mul_(torch.exp(dt * A)[:, :, None, None]).add_(dt[:, :, None, None] * xs[..., None] * B[:, :, None, :])
+    y = (ssm * C[:, :, None, :]).sum(-1) + D[None, :, None] * xs  # [b, H, p]
+    y = y.reshape(b, H * p).to(z.dtype) * F.silu(z)
+    return group_rms_norm(y, norm_w, groups, 1e-5)
 
 
 @torch.no_grad()

@@ -35,7 +35,8 @@ import torch
 import torch.nn.functional as F
 
 from ..elastic.linear import kept_rows, sliced_linear
-from ..elastic.model import _attn_runs, _mamba_rows, group_rms_norm, rms_norm
+from ..elastic.model import _attn_runs, _mamba_rows, rms_norm
+from ..inference import mamba_step
 from ..elastic.subnet import Subnet, layer_slots, subnet_params
 from ..model.hybrid import squared_relu
 from ..model.weights import pre_norm_weight
@@ -98,18 +99,8 @@ class BudgetDecoder:
         if self.state[i] is None:
             self.state[i] = (x.new_zeros(b, xbc.shape[-1], v["conv_w"].shape[-1]),
                              x.new_zeros(b, Hk, d, N, dtype=torch.float32))
-        conv, ssm = self.state[i]
-        conv.copy_(torch.cat([conv[:, :, 1:], xbc[:, :, None]], dim=-1))  # shift in the newest input
-        xbc = F.silu((conv * v["conv_w"]).sum(-1) + v["conv_b"])  # [b, c_k]
-        xs, B, C = torch.split(xbc, [d_in, G * N, G * N], dim=-1)
-        xs = xs.view(b, Hk, d).float()
-        B = B.view(b, G, 1, N).expand(b, G, a, N).reshape(b, Hk, N).float()  # kept head j of group g uses B_g
-        C = C.view(b, G, 1, N).expand(b, G, a, N).reshape(b, Hk, N).float()
-        dt = F.softplus(dt.float() + v["dt_bias"])  # [b, H_k]
-        ssm.mul_(torch.exp(dt * v["A"])[:, :, None, None]).add_(dt[:, :, None, None] * xs[..., None] * B[:, :, None, :])
-        y = (ssm * C[:, :, None, :]).sum(-1) + v["D"][None, :, None] * xs  # [b, H_k, d_k]
-        y = y.reshape(b, d_in).to(x.dtype) * F.silu(z)
-        y = group_rms_norm(y, v["norm_w"], G, 1e-5)
+        y = mamba_step(self.state[i], xbc, z, dt, v["conv_w"], v["conv_b"], v["A"], v["D"], v["dt_bias"],
+                       v["norm_w"], G)  # [b, d_in], head-major
         y = y.new_empty(y.shape).index_copy_(1, v["c_idx"], y)  # head-major -> packed column order
         return F.linear(y, layer.mixer.out_proj.weight[:x.shape[-1], :d_in])
 
@@ -321,6 +312,7 @@ class Engine:
         t = 0
         while live:
             logits = dec.step(cur)[:, :self.vocab_limit].float()  # [b, V]
+            greedy = logits.argmax(-1).tolist()  # one host sync per step for the whole batch
             t += 1
             nxt = []
             for r_i in range(len(reqs)):
@@ -331,7 +323,8 @@ class Engine:
                 if req.finish_reason:
                     nxt.append(tok.pad_id)  # finished: its row runs on, unread (cheaper than re-batching)
                     continue
-                token = _sample(logits[r_i], req.temperature, req.top_p, gens[r_i])
+                token = greedy[r_i] if req.temperature <= 0 else _sample(logits[r_i], req.temperature, req.top_p,
+                                                                         gens[r_i])
                 self._append(req, token)
                 nxt.append(token)
             live = [i for i in range(len(reqs)) if not reqs[i].finish_reason]
@@ -363,9 +356,7 @@ class Engine:
 
 
 def _sample(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator) -> int:
-    """Greedy at temperature 0 (what `generate` does), else nucleus sampling from the row's own generator."""
-    if temperature <= 0:
-        return int(logits.argmax())
+    """Nucleus sampling from the row's own generator (temperature 0 is the batch's argmax, _decode)."""
     probs = torch.softmax(logits / temperature, dim=-1).cpu()
     if top_p < 1.0:
         sorted_p, order = probs.sort(descending=True)

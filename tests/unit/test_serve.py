@@ -12,7 +12,6 @@ import json
 import os
 import socket
 import subprocess
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -47,9 +46,11 @@ def server(run_dir):
     port = _free_port()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     env = {k: v for k, v in env.items() if k not in ("MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    proc = subprocess.Popen([sys.executable, "-m", "elastic_megatron.cli", "serve", "--checkpoint", str(run_dir),
-                             "--port", str(port)], cwd=REPO, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    from tests.unit.test_cli import console_script
+
+    # the console script a user types, on a free port
+    proc = subprocess.Popen([console_script(), "serve", "--checkpoint", str(run_dir), "--port", str(port)], cwd=REPO,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 180
     while True:
@@ -118,9 +119,9 @@ def test_chat_and_streaming_equal_the_plain_answer(server):
 
 def test_stop_seed_and_sampling(server):
     full = _complete(server, "1.0", PROMPTS[0])["choices"][0]["text"]
-    if len(full) > 3:
-        cut = _complete(server, "1.0", PROMPTS[0], stop=[full[2:4]])["choices"][0]
-        assert cut["text"] == full[:full.index(full[2:4])] and cut["finish_reason"] == "stop"
+    assert len(full) > 3, full  # the answer must be long enough to cut inside
+    cut = _complete(server, "1.0", PROMPTS[0], stop=[full[2:4]])["choices"][0]
+    assert cut["text"] == full[:full.index(full[2:4])] and cut["finish_reason"] == "stop"
     a = _complete(server, "1.0", PROMPTS[1], temperature=1.0, top_p=0.9, seed=7)["choices"][0]["text"]
     b = _complete(server, "1.0", PROMPTS[1], temperature=1.0, top_p=0.9, seed=7)["choices"][0]["text"]
     assert a == b  # one seed, one answer
@@ -150,8 +151,7 @@ def test_bad_requests_are_4xx_with_one_json_error_and_the_server_goes_on(server,
 def test_budget_schedule_thinks_small_and_answers_big(server):
     """Forced switch text that the small budget is sure to write early: the answer budget takes over there."""
     small = _complete(server, "0.5", PROMPTS[0])["choices"][0]["text"]
-    if len(small) < 2:
-        pytest.skip("the tiny model's answer is too short to switch inside")
+    assert len(small) >= 2, small  # long enough to switch inside
     switch = small[1]
     r = _complete(server, "0.5", PROMPTS[0], budget_schedule={"think": "0.5", "answer": "1.0", "switch": switch})
     info = r["usage"]["budget_schedule"]
@@ -170,6 +170,13 @@ def test_concurrent_clients_get_their_own_answers(server):
     with ThreadPoolExecutor(8) as ex:
         got = list(ex.map(lambda bp: _complete(server, *bp)["choices"][0]["text"], jobs))
     assert got == [alone[j] for j in jobs]
+
+
+def test_bad_serve_arguments_are_one_line(run_dir, tmp_path):
+    from tests.unit.test_cli import em, one_line_error
+
+    one_line_error(em("serve", "--checkpoint", str(run_dir), "--port", "70000"), "--port 70000")
+    one_line_error(em("serve", "--checkpoint", str(tmp_path / "nowhere")), "nowhere")
 
 
 def test_budget_weights_are_views_into_the_parent(run_dir):
