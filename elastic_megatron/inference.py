@@ -7,7 +7,7 @@ forwards per row. Here each layer keeps its decode state, so a token costs one s
 
     Mamba-2:   conv state  [b, c, w]  (the last w inputs of the depthwise causal conv)
                SSM state   [b, H, p, N]   h <- exp(dt*A) h + dt * x B^T ;  y = h C + D x
-    attention: K, V cache  [b, G, t, d]   (grows by one position per step)
+    attention: K, V cache  [b, G, t, d]   (one position per step, in blocks of KV_BLOCK)
     MLP:       stateless
 
 The step math is the recurrent form of the chunked scan the model trains with (same weights, same
@@ -75,14 +75,31 @@ class CachedDecoder:
         b = x.shape[0]
         qkv = F.linear(rms_norm(x, pre_norm_weight(layer, "*"), self.eps), att.linear_qkv.weight)
         qkv = qkv.view(b, G, hpg + 2, d)  # per group: [q_0 .. q_hpg-1, k, v]
-        q, k, v = qkv[:, :, :hpg], qkv[:, :, hpg:hpg + 1], qkv[:, :, hpg + 1:]  # k, v [b, G, 1, d]
-        if self.state[i] is not None:
-            k, v = torch.cat([self.state[i][0], k], dim=2), torch.cat([self.state[i][1], v], dim=2)
-        self.state[i] = (k, v)  # [b, G, t, d]
-        q = q.reshape(b, G * hpg, 1, d)
-        k, v = k.repeat_interleave(hpg, dim=1), v.repeat_interleave(hpg, dim=1)
-        ctx = F.scaled_dot_product_attention(q, k, v)  # the newest position sees every cached one
-        return F.linear(ctx.reshape(b, G * hpg * d), att.linear_proj.weight)
+        ctx, self.state[i] = attention_step(self.state[i], qkv[:, :, :hpg], qkv[:, :, hpg:hpg + 1],
+                                            qkv[:, :, hpg + 1:])
+        return F.linear(ctx, att.linear_proj.weight)
+
+
+KV_BLOCK = 256  # positions the KV cache grows by: one copy of the cache per 256 tokens, not per token
+
+
+def attention_step(state, q, k, v):
+    """One decode position of grouped-query attention. q [b, G, a, d] (the a query heads of each KV
+    group), k, v [b, G, 1, d]; state None or (K, V [b, G, capacity, d], length). Returns
+    (ctx [b, G*a*d] in head order, new state). The newest position sees every cached one, so the a
+    heads of a group are a query positions of one SDPA call on the group's K, V: no per-head copy
+    of the cache (repeat_interleave copied all of it every token). Shared by CachedDecoder and
+    serve/engine.py."""
+    b, G, a, d = q.shape
+    if state is None:
+        state = (k.new_zeros(b, G, KV_BLOCK, d), v.new_zeros(b, G, KV_BLOCK, d), 0)
+    K, V, n = state
+    if n == K.shape[2]:  # full: grow by one block
+        K, V = (torch.cat([c, c.new_zeros(b, G, KV_BLOCK, d)], dim=2) for c in (K, V))
+    K[:, :, n:n + 1].copy_(k)
+    V[:, :, n:n + 1].copy_(v)
+    ctx = F.scaled_dot_product_attention(q, K[:, :, :n + 1], V[:, :, :n + 1])  # [b, G, a, d]
+    return ctx.reshape(b, G * a * d), (K, V, n + 1)
 
 
 def mamba_step(state, xbc, z, dt, conv_w, conv_b, A, D, dt_bias, norm_w, groups: int) -> torch.Tensor:

@@ -6,10 +6,11 @@
 Every budget is a prefix of each sorted dimension (elastic/sorting.py), so its weight matrices are
 views of the parent's (a prefix of rows and columns; a layer the budget drops is skipped). At load
 the Mamba layers' d_inner channels are reordered in place (`pack_mamba_channels`) so that a budget
-that cuts the head dim is one prefix too instead of one run per head. Only the per-channel vectors of a Mamba layer (conv taps and
-bias, A, D, dt_bias, the gated norm; a few KB per layer) are gathered once per budget, because a
-decode step would otherwise gather them for every token. Memory is therefore one parent plus
-those vectors, whatever the number of budgets (benchmarks/serve_bench.py measures it).
+that cuts the head dim is one prefix too instead of one run per head, and every view a decode step
+multiplies is cut once (`budget_views`), so a step runs no slicing ops. Only the per-channel vectors
+of a Mamba layer (conv taps and bias, A, D, dt_bias, the gated norm; a few KB per layer) are
+gathered once per budget. Memory is therefore one parent plus those vectors, whatever the number
+of budgets (benchmarks/serve_bench.py measures it, and decode speed against the exported subnet).
 
 The step math is inference.CachedDecoder's (the recurrent form of the chunked scan) on the subnet's
 runs, so greedy decoding equals `generate --budget` token for token (tests/unit/test_serve.py):
@@ -36,7 +37,7 @@ import torch.nn.functional as F
 
 from ..elastic.linear import kept_rows, sliced_linear
 from ..elastic.model import _attn_runs, _mamba_rows, rms_norm
-from ..inference import mamba_step
+from ..inference import attention_step, mamba_step
 from ..elastic.subnet import Subnet, layer_slots, subnet_params
 from ..model.hybrid import squared_relu
 from ..model.weights import pre_norm_weight
@@ -53,17 +54,22 @@ def model_id(params: int) -> str:
 
 @dataclass
 class Budget:
-    """One served budget: its subnet, what it is called, and its gathered per-channel vectors."""
+    """One served budget: its subnet, what it is called, its gathered per-channel vectors and the
+    weight views one decode step multiplies."""
 
     id: str
     aliases: list[str]
     subnet: Subnet
     params: int
     small: dict  # layer index -> the Mamba layer's gathered vectors (the only non-view tensors)
+    views: dict = field(default_factory=dict)  # budget_views(): slices of the parent's tensors, made once
 
 
 class BudgetDecoder:
-    """Step-by-step forward of one budget's subnet on the parent's weights, one state per row."""
+    """Step-by-step forward of one budget's subnet on the parent's weights, one state per row.
+    Every weight it multiplies was cut once at load (budget_views): a decode step of a small model is
+    bound by the number of ops, and slicing the weights anew in every layer of every step cost
+    more than the gathers (measured: 343 ops per step against the exported model's 299)."""
 
     def __init__(self, parent, cfg, budget: Budget):
         self.model, self.m, self.b = parent, cfg.model, budget
@@ -73,58 +79,72 @@ class BudgetDecoder:
     @torch.no_grad()
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens [b] -> logits [b, V] of the budget's subnet."""
-        s, model = self.b.subnet, self.model
-        x = model.embedding.word_embeddings(tokens)[:, :s.hidden]  # [b, h_k]
-        for i, layer in enumerate(model.decoder.layers):
-            if not s.keep[i]:
+        w, eps = self.b.views, self.m.norm_epsilon
+        x = F.embedding(tokens, w["embedding"])  # [b, h_k]
+        for i, v in enumerate(w["layers"]):
+            if v is None:
                 continue  # a dropped layer is the identity
             kind, k = self.slots[i]
-            x = x + {"M": self._mamba, "*": self._attention, "-": self._mlp}[kind](i, k, layer, x)
-        x = rms_norm(x, kept_rows(model.decoder.final_norm.weight, s.hidden), self.m.norm_epsilon)
-        return F.linear(x, model.output_layer.weight[:, :s.hidden])  # [b, V]
+            h = rms_norm(x, v["norm"], eps)
+            x = x + (self._mamba(i, k, v, h) if kind == "M" else self._attention(i, k, v, h) if kind == "*"
+                     else F.linear(squared_relu(F.linear(h, v["fc1"])), v["fc2"]))
+        return F.linear(rms_norm(x, w["final_norm"], eps), w["output"])  # [b, V]
 
-    def _norm(self, layer, kind, x):
-        return rms_norm(x, kept_rows(pre_norm_weight(layer, kind), x.shape[-1]), self.m.norm_epsilon)
-
-    def _mamba(self, i: int, k: int, layer, x):
+    def _mamba(self, i: int, k: int, w: dict, h):
         m, s, v = self.m, self.b.subnet, self.b.small[i]
         G, N = m.mamba_num_groups, m.mamba_state_dim
-        a, d = s.mamba_heads[k] // G, s.mamba_head_dim[k]
-        Hk, b = G * a, x.shape[0]
-        d_in = Hk * d
+        Hk, b = s.mamba_heads[k], h.shape[0]
+        d_in = Hk * s.mamba_head_dim[k]
         # packed in_proj (pack_mamba_channels): this budget's rows are a prefix, one GEMM on a view;
         # one gather puts them back in the head-major [z | x B C | dt] layout the SSM needs
-        zxbcdt = F.linear(self._norm(layer, "M", x), layer.mixer.in_proj.weight[:v["n_rows"], :x.shape[-1]])
-        z, xbc, dt = torch.split(zxbcdt.index_select(-1, v["row_idx"]), [d_in, d_in + 2 * G * N, Hk], dim=-1)
+        zxbcdt = F.linear(h, w["in_proj"]).index_select(-1, v["row_idx"])
+        z, xbc, dt = torch.split(zxbcdt, [d_in, d_in + 2 * G * N, Hk], dim=-1)
         if self.state[i] is None:
-            self.state[i] = (x.new_zeros(b, xbc.shape[-1], v["conv_w"].shape[-1]),
-                             x.new_zeros(b, Hk, d, N, dtype=torch.float32))
+            self.state[i] = (h.new_zeros(b, xbc.shape[-1], v["conv_w"].shape[-1]),
+                             h.new_zeros(b, Hk, s.mamba_head_dim[k], N, dtype=torch.float32))
         y = mamba_step(self.state[i], xbc, z, dt, v["conv_w"], v["conv_b"], v["A"], v["D"], v["dt_bias"],
                        v["norm_w"], G)  # [b, d_in], head-major
-        y = y.new_empty(y.shape).index_copy_(1, v["c_idx"], y)  # head-major -> packed column order
-        return F.linear(y, layer.mixer.out_proj.weight[:x.shape[-1], :d_in])
+        return F.linear(y.index_select(1, v["c_perm"]), w["out_proj"])  # packed column order, as out_proj's
 
-    def _attention(self, i: int, k: int, layer, x):
-        m, att = self.m, layer.self_attention
-        G, d = m.num_query_groups, m.kv_channels
+    def _attention(self, i: int, k: int, w: dict, h):
+        G, d = self.m.num_query_groups, self.m.kv_channels
         a = self.b.subnet.attn_heads[k] // G
-        qkv_runs, proj_cols = _attn_runs(G, m.num_attention_heads // G, d, a)
-        b = x.shape[0]
-        qkv = sliced_linear(self._norm(layer, "*", x), att.linear_qkv.weight, rows=qkv_runs, cols=x.shape[-1])
+        b = h.shape[0]
+        qkv = F.linear(h, w["qkv"]) if w["qkv_runs"] is None else sliced_linear(h, w["qkv"], rows=w["qkv_runs"])
         qkv = qkv.view(b, G, a + 2, d)  # per group: [q_0 .. q_a-1, k, v]
-        q, kk, vv = qkv[:, :, :a], qkv[:, :, a:a + 1], qkv[:, :, a + 1:]  # kk, vv [b, G, 1, d]
-        if self.state[i] is not None:
-            kk, vv = torch.cat([self.state[i][0], kk], dim=2), torch.cat([self.state[i][1], vv], dim=2)
-        self.state[i] = (kk, vv)  # [b, G, t, d]
-        ctx = F.scaled_dot_product_attention(q.reshape(b, G * a, 1, d), kk.repeat_interleave(a, dim=1),
-                                             vv.repeat_interleave(a, dim=1))
-        return sliced_linear(ctx.reshape(b, G * a * d), att.linear_proj.weight, rows=x.shape[-1], cols=proj_cols)
+        ctx, self.state[i] = attention_step(self.state[i], qkv[:, :, :a], qkv[:, :, a:a + 1], qkv[:, :, a + 1:])
+        return F.linear(ctx, w["proj"]) if w["proj_runs"] is None else sliced_linear(ctx, w["proj"],
+                                                                                     cols=w["proj_runs"])
 
-    def _mlp(self, i: int, k: int, layer, x):
-        f = self.b.subnet.ffn[k]
-        hk = x.shape[-1]
-        inter = squared_relu(F.linear(self._norm(layer, "-", x), layer.mlp.linear_fc1.weight[:f, :hk]))
-        return F.linear(inter, layer.mlp.linear_fc2.weight[:hk, :f])
+
+def budget_views(parent, cfg, s: Subnet, small: dict) -> dict:
+    """The weights one decode step of subnet `s` multiplies, as slices of the parent's tensors (no
+    copy: tests/unit/test_serve.py checks the storage). Prefixes are plain views; an attention layer
+    whose query heads are cut keeps one run of rows per group, multiplied run by run (sliced_linear)."""
+    m, h = cfg.model, s.hidden
+    layers = []
+    for i, (layer, (kind, k)) in enumerate(zip(parent.decoder.layers, layer_slots(m.hybrid_override_pattern))):
+        if not s.keep[i]:
+            layers.append(None)
+            continue
+        v = {"norm": pre_norm_weight(layer, kind)[:h]}
+        if kind == "M":
+            mx = layer.mixer
+            d_in = s.mamba_heads[k] * s.mamba_head_dim[k]
+            v.update(in_proj=mx.in_proj.weight[:small[i]["n_rows"], :h], out_proj=mx.out_proj.weight[:h, :d_in])
+        elif kind == "*":
+            att, G = layer.self_attention, m.num_query_groups
+            qkv_runs, proj_cols = _attn_runs(G, m.num_attention_heads // G, m.kv_channels, s.attn_heads[k] // G)
+            one = len(qkv_runs) == 1  # every head kept: one prefix of rows / columns
+            v.update(qkv=att.linear_qkv.weight[:, :h], qkv_runs=None if one else qkv_runs,
+                     proj=att.linear_proj.weight[:h, :proj_cols[0][1]] if one else att.linear_proj.weight[:h],
+                     proj_runs=None if one else proj_cols)
+        else:
+            f = s.ffn[k]
+            v.update(fc1=layer.mlp.linear_fc1.weight[:f, :h], fc2=layer.mlp.linear_fc2.weight[:h, :f])
+        layers.append(v)
+    return {"embedding": parent.embedding.word_embeddings.weight[:, :h], "layers": layers,
+            "final_norm": parent.decoder.final_norm.weight[:h], "output": parent.output_layer.weight[:, :h]}
 
 
 @torch.no_grad()
@@ -180,7 +200,9 @@ def gather_small(parent, cfg, s: Subnet, packed: list) -> dict:
                       "A": -torch.exp(kept_rows(mx.A_log, heads).float()), "D": kept_rows(mx.D, heads).float(),
                       "dt_bias": kept_rows(mx.dt_bias, heads).float(), "norm_w": kept_rows(mx.norm.weight, chans),
                       # where this budget's head-major rows / channels sit in the packed prefix
-                      "row_idx": packed[i][0][rows], "n_rows": rows.numel(), "c_idx": packed[i][1][chans]}
+                      "row_idx": packed[i][0][rows], "n_rows": rows.numel(),
+                      # y (head-major) -> out_proj's packed column order: y[:, c_perm]
+                      "c_perm": torch.argsort(packed[i][1][chans])}
     return out
 
 
@@ -243,7 +265,9 @@ class Engine:
                 budgets[subnet].aliases.append(name)
                 continue
             params = subnet_params(subnet, single.model, vocab)
-            budgets[subnet] = Budget(model_id(params), [name], subnet, params, gather_small(parent, single, subnet, packed))
+            small = gather_small(parent, single, subnet, packed)
+            budgets[subnet] = Budget(model_id(params), [name], subnet, params, small,
+                                     budget_views(parent, single, subnet, small))
         ordered = sorted(budgets.values(), key=lambda b: -b.params)
         return cls(parent, single, tok, hf_vocab(cfg, tok.vocab_size), ordered, max_batch)
 

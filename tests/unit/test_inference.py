@@ -73,3 +73,24 @@ def test_batched_generation_equals_uncached_reference(dist):
                     break
                 x = torch.cat([x, torch.tensor([[nxt]])], dim=1)
         assert text == tok.decode(new)
+
+
+def test_attention_step_matches_full_attention_across_cache_blocks():
+    """The block-grown KV cache and the grouped SDPA call give what attention over the whole prefix
+    with K, V repeated per query head gives, past the first block (KV_BLOCK positions)."""
+    import torch.nn.functional as F
+
+    from elastic_megatron.inference import KV_BLOCK, attention_step
+
+    torch.manual_seed(0)
+    b, G, a, d, T = 2, 2, 3, 8, KV_BLOCK + 5
+    q, k, v = torch.randn(T, b, G, a, d), torch.randn(T, b, G, 1, d), torch.randn(T, b, G, 1, d)
+    state = None
+    for t in range(T):
+        ctx, state = attention_step(state, q[t], k[t], v[t])
+        if t in (0, KV_BLOCK - 1, KV_BLOCK, T - 1):
+            keys = k[:t + 1, :, :, 0].permute(1, 2, 0, 3).repeat_interleave(a, dim=1)  # [b, G*a, t+1, d]
+            vals = v[:t + 1, :, :, 0].permute(1, 2, 0, 3).repeat_interleave(a, dim=1)
+            ref = F.scaled_dot_product_attention(q[t].reshape(b, G * a, 1, d), keys, vals)
+            torch.testing.assert_close(ctx, ref.reshape(b, G * a * d), rtol=1e-5, atol=1e-6)
+    assert state[2] == T and state[0].shape[2] == 2 * KV_BLOCK

@@ -195,6 +195,11 @@ def test_budget_weights_are_views_into_the_parent(run_dir):
         small_bytes = sum(t.numel() * t.element_size() for b in e.budgets for v in b.small.values() for t in v.values()
                           if isinstance(t, torch.Tensor))
         assert small_bytes < 0.05 * parent_bytes  # one parent + the gathered per-channel vectors
+        # the views cut once at load (budget_views) share the parent's storage too
+        views = [t for b in e.budgets for t in (b.views["embedding"], b.views["final_norm"], b.views["output"],
+                                               *(w for v in b.views["layers"] if v for w in v.values()
+                                                 if isinstance(w, torch.Tensor)))]
+        assert len(views) > 3 * len(e.budgets) and {t.untyped_storage().data_ptr() for t in views} <= storages
         seen = []
         real_sliced, real_linear = eng.sliced_linear, torch.nn.functional.linear
 
