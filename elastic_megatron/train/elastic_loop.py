@@ -3,6 +3,7 @@
 For every micro-batch:
 
     budget b ~ stage.budget_probs               drawn from (seed, step, micro): identical on all ranks
+                                                 (stage.budget_sampling=stratified: exact shares per window)
     decision = router(b)                         Gumbel-softmax, noise from (seed, step, micro, b)
                                                  (micro: the micro-batch's index in the global batch,
                                                  so a DP run draws what one process draws for it)
@@ -52,6 +53,22 @@ def draw_budget(probs: list[float], seed: int, step: int, micro: int) -> int:
     """The budget of one micro-batch: a pure function of (seed, step, micro), so every rank agrees."""
     g = torch.Generator().manual_seed((seed * 1_000_003 + step) * 1_009 + micro)
     return int(torch.multinomial(torch.tensor(probs, dtype=torch.float64), 1, generator=g).item())
+
+
+def stratified_budget(probs: list[float], seed: int, slot: int) -> int:
+    """The budget of the micro-batch at `slot` (its index among the stage's micro-batches, global
+    batch order): windows of 10 x len(probs) slots each hold every budget round(p x window) times
+    (largest remainder, so the counts sum to the window), in an order drawn from (seed, window).
+    A pure function of (seed, slot) like draw_budget, so every rank and layout agrees."""
+    n = 10 * len(probs)
+    window, pos = divmod(slot, n)
+    quota = [p * n for p in probs]
+    counts = [int(q) for q in quota]
+    for b in sorted(range(len(probs)), key=lambda b: counts[b] - quota[b])[:n - sum(counts)]:
+        counts[b] += 1  # largest remainders first
+    pool = [b for b, c in enumerate(counts) for _ in range(c)]
+    g = torch.Generator().manual_seed((seed * 1_000_003 + window) * 1_013 + 7)
+    return pool[int(torch.randperm(n, generator=g)[pos])]
 
 
 def stage_probs(stage: StageConfig, n_budgets: int) -> list[float]:
@@ -196,7 +213,8 @@ def _elastic_train(cfg: RunConfig, layout: ParallelLayout, layer_order, guard: P
             first = ps.get_data_parallel_rank() * n_micro
             decisions = []
             for gm in range(n_micro * layout.data):
-                b = draw_budget(probs, t.seed, step, gm)
+                b = (stratified_budget(probs, t.seed, (step - stage_start) * n_micro * layout.data + gm)
+                     if stage.budget_sampling == "stratified" else draw_budget(probs, t.seed, step, gm))
                 with torch.set_grad_enabled(first <= gm < first + n_micro and not frozen):
                     dec = router(b, step=step, total_steps=total_steps, seed=t.seed, hard=hard, micro=gm)
                 if frozen:  # the deployed subnet, sliced compute, no router loss

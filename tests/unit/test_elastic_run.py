@@ -241,3 +241,22 @@ def test_a_stage_recomputes_by_its_own_setting(sorted_parent, tmp_path, monkeypa
     for n, mode in seen:
         modes.setdefault(n, set()).add(mode)
     assert modes == {0: {"full"}, 1: {"full"}, 2: {"full"}, 3: {"none"}}, modes
+
+
+def test_stratified_budget_sampling_is_what_the_loop_trains(sorted_parent, tmp_path):
+    """curriculum.N.budget_sampling=stratified reaches the loop: every step trains the budgets
+    stratified_budget gives its micro-batches (slot = index in the stage's global batch order)."""
+    from elastic_megatron.config import load_config
+    from elastic_megatron.train.elastic_loop import stratified_budget
+
+    run_cli(["elastic-train", *sorted_parent, *FAST, "curriculum=[{name: s, steps: 4, budget_sampling: stratified}]",
+             f"logging.out_dir={tmp_path}"])
+    cfg = load_config(str(tmp_path / "config.yaml"))
+    names = list(cfg.elastic.budgets)
+    n_micro = cfg.train.global_batch_size // cfg.train.micro_batch_size
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if "budgets_seen" in r]
+    assert len(steps) == 4 and n_micro >= 2
+    for s, r in enumerate(steps):
+        want = {names[stratified_budget([1 / 3] * 3, cfg.train.seed, s * n_micro + m)] for m in range(n_micro)}
+        assert set(r["budgets_seen"].split(",")) == want, (s, r["budgets_seen"], want)
