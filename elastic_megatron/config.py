@@ -206,7 +206,8 @@ class ElasticConfig:
     deploy_tolerance: float = 0.02
     # Router proposes, validation disposes: at the start of the first `router: frozen` stage, up to
     # this many on-budget proposals per budget (the router's subnet, then the same search with one
-    # axis cut below the router's mode, elastic/deploy.py) are scored on the student's held-out loss
+    # axis a step below, then above, the router's mode, elastic/deploy.py; 13 = every one of the six
+    # axes both ways) are scored on the student's held-out loss
     # (deploy_calibration_samples validation sequences) and the lowest is deployed; the checkpoint
     # records that family, so slice / export-hf / generate cut the same one. 1 (default) = the
     # router's subnet only: on the one seed measured the search kept the router's proposals, and a

@@ -113,3 +113,30 @@ def test_deploy_candidates_is_validated():
     with pytest.raises(ConfigError, match="elastic.deploy_candidates.*parallel.pipeline=1"):
         load_config(None, ["elastic.deploy_candidates=4", "parallel.pipeline=2"])
     assert load_config(None, ["elastic.deploy_candidates=4", "parallel.tensor=2"]).elastic.deploy_candidates == 4
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_candidates_also_move_an_axis_above_the_router_choice(seed):
+    """Proposals go both ways: `raise_` keeps one axis a step above the router's mode on every row
+    (saving the budget elsewhere), and those proposals are among the candidates, so a mode that cut
+    one axis too far can be corrected."""
+    rs = tiny_router(BUDGETS)
+    _randomize(rs, seed)
+    cap = deployed_family(rs, rs.fixed_subnets(), 0.02)[1]
+
+    def sizes(s, axis):
+        d = s.to_dict()
+        return [sum(d["keep"])] if axis == "depth" else [d["hidden"]] if axis == "hidden" else list(d[axis])
+
+    raised = 0
+    for b in (2, 3):
+        first = deployed_subnet(rs, b, cap, 0.02)
+        cands = deployed_candidates(rs, b, cap, 0.02, 64)
+        for axis in rs.logits(b):
+            up = deployed_subnet(rs, b, cap, 0.02, raise_=axis)
+            if up is None or not 0.98 <= rs.cost_of(up) / rs.targets[b] <= 1.02 or up == first:
+                continue
+            assert sum(sizes(up, axis)) > sum(sizes(first, axis)), (axis, up, first)
+            assert up in cands
+            raised += 1
+    assert raised, "no axis could be raised: the test checks nothing"
