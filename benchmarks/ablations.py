@@ -29,6 +29,11 @@ difference changes:
 (f) routing: the demo's family (the default recipe) vs the router learning in both stages in hard
     mode and in soft mode, each deployed as the plain argmax (the behaviour before the default).
 
+(m) the peer from the real library: nvidia-modelopt's Minitron pruning (`mcore_minitron`) to the
+    same homogeneous widths as (a), distilled as (a)(iii) (equal total tokens), and its importance
+    ranking against ours per axis (Spearman); benchmarks/modelopt_arm.py in its own process, with
+    modelopt 0.46.0 installed in a private directory (--modelopt-site; not a package dependency).
+
 `--seed S` reruns every trained arm, and the demo's elastic run itself, with training seed S (the
 held-out problems stay the demo's): the second seed for differences within two standard errors.
 Each arm writes OUT/<arm>/...; the summary goes to OUT/ablations.json and OUT/ablations.md, and
@@ -337,6 +342,25 @@ KEPT = ("params", "heldout_loss", "accuracy_short", "accuracy_long", "accuracy_s
         "n_short", "n_long")
 
 
+def arm_m(demo: Demo, out: Path, n_short: int, n_long: int, site: str) -> dict:
+    """benchmarks/modelopt_arm.py on the demo dir, in its own process (it patches modelopt's internals
+    for a CPU without Transformer Engine): per budget its prune + distill model beside the family's,
+    and the per-axis Spearman of modelopt's ranking against ours."""
+    import subprocess
+
+    cmd = [sys.executable, str(Path(__file__).with_name("modelopt_arm.py")), "--demo", str(demo.root),
+           "--out", str(out), "--site", site, "--n-short", str(n_short), "--n-long", str(n_long)]
+    p = subprocess.run(cmd, capture_output=True, text=True)
+    if p.returncode:
+        return {"failed": (p.stdout + p.stderr).strip().splitlines()[-1:]}
+    got = json.loads(p.stdout.strip().splitlines()[-1])
+    fam = {r["name"]: _keep(r) for r in demo.rows()}
+    return {"budgets": {n: {"elastic": fam[n], "modelopt_prune_distill_share": {k: r[k] for k in (
+        "params", "heldout_loss", "accuracy_short", "accuracy_short_se", "accuracy_long", "accuracy_long_se",
+        "stage_steps")}} for n, r in got["budgets"].items()},
+        "spearman": got["spearman"], "modelopt_version": got["modelopt_version"]}
+
+
 def _keep(r: dict) -> dict:
     """What an arm reports of an evaluation row: sizes, loss, accuracies with their standard errors."""
     return {k: r[k] for k in KEPT if k in r}
@@ -374,6 +398,15 @@ def write_markdown(path: Path, res: dict) -> None:
             for name, r in res[key].items():
                 lines += [row(f"{name} {arm}", r[arm]) for arm in arms]
             lines.append("")
+    if "m" in res and "budgets" in res["m"]:
+        lines += ["## (m) modelopt " + res["m"]["modelopt_version"] + " Minitron prune + distill (equal total tokens)",
+                  "", "| budget / arm " + head, "|---|---|---|---|---|"]
+        for name, arms_ in res["m"]["budgets"].items():
+            lines += [row(f"{name} {arm}", r) for arm, r in arms_.items()]
+        lines += ["", "Spearman, modelopt's ranking vs ours: " +
+                  ", ".join(f"{k} {v['mean']:.3f}" for k, v in res["m"]["spearman"].items()), ""]
+    elif "m" in res:
+        lines += ["## (m) modelopt: did not run", "", f"`{res['m']['failed']}`", ""]
     if "e" in res:
         e = res["e"]
         rankings = [k for k in e["orders"]]
@@ -397,7 +430,9 @@ def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--demo", default="demo_out", help="the demo's output directory")
     ap.add_argument("--out", default="ablations_out")
-    ap.add_argument("--arms", default="a,b,c,d,e,f", help="comma-separated subset of a,b,c,d,e,f")
+    ap.add_argument("--arms", default="a,b,c,d,e,f", help="comma-separated subset of a,b,c,d,e,f,m")
+    ap.add_argument("--modelopt-site", default="/tmp/mo_site",
+                    help="arm (m): where `pip install --no-deps --target DIR nvidia-modelopt==0.46.0 pulp==3.3.2` put it")
     ap.add_argument("--n-short", type=int, default=256, help="short held-out problems per evaluation")
     ap.add_argument("--n-long", type=int, default=64, help="long held-out problems per evaluation")
     ap.add_argument("--seed", type=int, default=None,
@@ -429,6 +464,9 @@ def main(argv=None) -> dict:
     if "e" in arms:
         say("(e): depth ranking metrics")
         res["e"] = arm_e(demo, out / "e", args.n_short)
+    if "m" in arms:
+        say("(m): modelopt's Minitron prune + our distillation at equal total tokens")
+        res["m"] = arm_m(demo, out / "m", args.n_short, args.n_long, args.modelopt_site)
     res["wall_s"] = round(time.time() - t0, 1)
     (out / "ablations.json").write_text(json.dumps(res, indent=1))
     write_markdown(out / "ablations.md", res)

@@ -538,8 +538,8 @@ def correlations(out: Path, ours_path: str, ks: dict, demo_root: Path | None = N
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--demo", default="/tmp/i23/seed1234", help="the finished demo directory (read only)")
-    ap.add_argument("--out", default="/tmp/s10/mo_out")
+    ap.add_argument("--demo", default="demo_out", help="the finished demo directory (read only)")
+    ap.add_argument("--out", default="ablations_out/m")
     ap.add_argument("--site", default="/tmp/mo_site", help="private directory modelopt 0.46.0 is installed in")
     ap.add_argument("--n-short", type=int, default=256)
     ap.add_argument("--n-long", type=int, default=64)

@@ -4,6 +4,7 @@
     python benchmarks/seeds.py --out bench_seeds --runs seed1234      # one run; the others later
     python benchmarks/seeds.py --out bench_seeds --summarize           # only read the runs already there
     python benchmarks/seeds.py --out bench_seeds --add seed1234=/tmp/demo_out   # reuse a finished demo dir
+    python benchmarks/seeds.py --out bench_seeds --summarize --eval-short 1024 --deploy-search 4
 
 The runs (each one `elastic_megatron.cli demo`, 256 short and 64 long held-out problems):
 
@@ -17,6 +18,20 @@ several sessions. Reported per budget: mean, min-max spread and sample std of sh
 over the runs present, and the issue's checks: every run's 0.5 model >= 0.85 x its full budget
 (short), mean 0.5 short >= 0.30, |mean full - mean parent| <= 0.03. Writes OUT/seeds.md and
 OUT/seeds.json; the last line of stdout is the JSON summary.
+
+Two measurements beside the demo's own numbers, both on the finished runs (nothing retrained):
+
+--eval-short N   each run's family and parent again on N short problems (the run's first 256 are
+                 the demo's), every problem's outcome kept, so the budgets are compared *paired*
+                 on the same problems: per run the smallest / full ratio and full - parent with a
+                 90 % bootstrap interval over problems. Why: at 256 problems one accuracy has a
+                 standard error of ~0.03, so a ratio of two has ~0.1, as wide as the 0.85 bar's
+                 distance from the paper's 0.91; the demo's numbers alone cannot say whether a run
+                 misses the bar or only its sample does. Cached in RUN/eval_short_N.json.
+--deploy-search K  the deploy search (elastic.deploy_candidates = K) replayed on each run's stage-1
+                 checkpoint: the router's proposals per budget with their calibration losses and
+                 whether the search would deploy another family than the run did (the run's
+                 stage 2 trained the router's own). Cached in RUN/deploy_search_K.json.
 """
 
 from __future__ import annotations
@@ -24,23 +39,37 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
+
 RUNS = {"seed1234": (1234, "2"), "seed4321": (4321, "2"), "seed777": (777, "2"), "seed1234_omp1": (1234, "1")}
 
 
-def run_one(out: Path, name: str) -> None:
+def run_one(out: Path, name: str, run_dir: Path | None = None, overrides: list[str] = (),
+            parent_from: Path | None = None) -> None:
+    """One demo run of RUNS[name] into run_dir (default OUT/NAME). `parent_from`: a finished run
+    whose trained parent is copied in first, so the demo reuses it and trains only the elastic
+    part (a variant of the method compared on the very same parent)."""
     seed, threads = RUNS[name]
+    run_dir = run_dir or out / name
+    if parent_from is not None:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        for sub in ("parent_short", "parent"):
+            if not (run_dir / sub).exists():
+                shutil.copytree(parent_from / sub, run_dir / sub, symlinks=True)
     env = {**os.environ, "OMP_NUM_THREADS": threads}
-    cmd = [sys.executable, "-m", "elastic_megatron.cli", "demo", "--out", str(out / name), f"train.seed={seed}"]
+    cmd = [sys.executable, "-m", "elastic_megatron.cli", "demo", "--out", str(run_dir), f"train.seed={seed}",
+           *overrides]
     tic = time.time()
-    with open(out / f"{name}.log", "w") as log:
+    with open(run_dir.parent / f"{run_dir.name}.log", "w") as log:
         subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, check=True)
-    print(f"{name}: {time.time() - tic:.0f} s", flush=True)
+    print(f"{run_dir.name}: {time.time() - tic:.0f} s", flush=True)
 
 
 def summarize(reports: dict[str, dict]) -> dict:
@@ -66,6 +95,116 @@ def summarize(reports: dict[str, dict]) -> dict:
             "total_s": {n: rep.get("total_s") for n, rep in reports.items()}}
 
 
+def _bootstrap(fn, cols: list[list[int]], reps: int = 2000, seed: int = 0) -> list[float]:
+    """90 % interval of fn(*columns) over problems resampled with replacement (paired: one index
+    draw for every column, since all were answered on the same problems)."""
+    import numpy as np
+
+    a = np.array(cols, dtype=np.float64)  # [columns, problems]
+    idx = np.random.default_rng(seed).integers(0, a.shape[1], size=(reps, a.shape[1]))
+    vals = np.sort(fn(*(a[c][idx].mean(axis=1) for c in range(a.shape[0]))))
+    return [round(float(vals[int(0.05 * reps)]), 4), round(float(vals[int(0.95 * reps) - 1]), 4)]
+
+
+def reevaluate(d: Path, n_short: int) -> dict:
+    """The run's family and parent on n_short short problems, each problem's outcome kept."""
+    cache = d / f"eval_short_{n_short}.json"
+    if cache.exists():
+        return json.loads(cache.read_text())
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from elastic_megatron.config import load_config
+    from elastic_megatron.demo import evaluate_model
+
+    seed = load_config(str(d / "elastic" / "config.yaml")).train.seed  # the demo evaluates on its seed's problems
+    rep = json.loads((d / "report.json").read_text())
+    models = {"parent": str(d / "parent"), **{r["name"]: r["path"] for r in rep["budgets"]}}
+    res = {}
+    for name, path in models.items():
+        r = evaluate_model(path, n_short, 0, seed, outcomes=True)
+        res[name] = {"accuracy_short": r["accuracy_short"], "outcomes_short": r["outcomes_short"]}
+    cache.write_text(json.dumps(res))
+    return res
+
+
+def paired(evals: dict[str, dict]) -> dict:
+    """Per run: accuracies, smallest / full and full - parent with 90 % bootstrap intervals."""
+    out = {}
+    for n, ev in evals.items():
+        names = [k for k in ev if k != "parent"]
+        full, small = names[0], names[-1]
+        o = lambda k: ev[k]["outcomes_short"]  # noqa: E731
+        out[n] = {"n": len(o(full)), "accuracy": {k: round(v["accuracy_short"], 4) for k, v in ev.items()},
+                  "small_over_full": round(ev[small]["accuracy_short"] / max(ev[full]["accuracy_short"], 1e-9), 4),
+                  "small_over_full_90": _bootstrap(lambda s, f: s / np.maximum(f, 1e-9), [o(small), o(full)]),
+                  "full_minus_parent": round(ev[full]["accuracy_short"] - ev["parent"]["accuracy_short"], 4),
+                  "full_minus_parent_90": _bootstrap(lambda f, p: f - p, [o(full), o("parent")])}
+    return out
+
+
+def deploy_search(d: Path, k: int) -> dict:
+    """The run's stage-1 checkpoint, the router's k proposals per budget and their calibration
+    losses (train/elastic_loop._calibration_loss, the numbers the frozen stage would see), the
+    family the search picks, and whether it is the family the run recorded."""
+    cache = d / f"deploy_search_{k}.json"
+    if cache.exists():
+        return json.loads(cache.read_text())
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from dataclasses import replace
+
+    import torch
+
+    from elastic_megatron.config import load_config
+    from elastic_megatron.data.tokenizer import load_tokenizer
+    from elastic_megatron.elastic.deploy import deployed_candidates
+    from elastic_megatron.elastic.model import ElasticHybrid
+    from elastic_megatron.elastic.router import build_router
+    from elastic_megatron.elastic.sorting import load_parent
+    from elastic_megatron.elastic.subnet import nest_family, subnet_params
+    from elastic_megatron.model.hybrid import build_model, padded_vocab_size
+    from elastic_megatron.parallel import ParallelLayout, destroy_distributed, init_distributed
+    from elastic_megatron.train.checkpoint import latest_checkpoint
+    from elastic_megatron.train.elastic_loop import _calibration_loss
+
+    cfg = load_config(str(d / "elastic" / "config.yaml"))
+    cfg = replace(cfg, elastic=replace(cfg.elastic, deploy_candidates=k))
+    layout = ParallelLayout.resolve(cfg, 1)
+    init_distributed(layout, cfg.train.seed)
+    try:
+        tok = load_tokenizer(cfg.data.tokenizer)
+        vocab = padded_vocab_size(cfg.model, tok.vocab_size, 1)
+        model = build_model(cfg, layout, vocab, torch.float32)
+        ckpts = d / "elastic" / "checkpoints"
+        stage1 = load_parent(str(ckpts / f"iter_{cfg.curriculum[0].steps:07d}"), model, cfg, layout)
+        recorded = torch.load(latest_checkpoint(ckpts) / "common.pt", weights_only=False)["loop"]["family"]
+        router = build_router(cfg, vocab, layer_order=stage1["layer_order"], tp=1)
+        router.load_state_dict(stage1["router"])
+        st = next(s for s in cfg.curriculum if s.router == "frozen")
+        st_cfg = replace(cfg, data=replace(cfg.data, seq_length=st.seq_length or cfg.data.seq_length,
+                                           min_steps=st.min_steps or cfg.data.min_steps,
+                                           max_steps=st.max_steps or cfg.data.max_steps))
+        score = _calibration_loss(ElasticHybrid(model, cfg, layout), st_cfg, tok)
+        fixed = router.fixed_subnets(cfg.elastic.subnets, 1)
+        family, budgets = [], []
+        for b, name in enumerate(cfg.elastic.budgets):  # as deployed_family, keeping every proposal's loss
+            cap = family[-1] if family else None
+            if b in fixed:
+                family.append(fixed[b])
+                continue
+            props = deployed_candidates(router, b, cap, cfg.elastic.deploy_tolerance, k)
+            losses = [score(p) for p in props]
+            family.append(props[losses.index(min(losses))])
+            budgets.append({"budget": name, "proposals": [
+                {"params": subnet_params(p, cfg.model, vocab), "dropped": [i for i, x in enumerate(p.keep) if not x],
+                 "subnet": p.to_dict(), "calibration_loss": round(l, 4)} for p, l in zip(props, losses)],
+                "router_first_wins": losses.index(min(losses)) == 0})
+        family = nest_family(family)
+        res = {"k": k, "budgets": budgets, "same_family_as_run": [s.to_dict() for s in family] == recorded}
+    finally:
+        destroy_distributed()
+    cache.write_text(json.dumps(res))
+    return res
+
+
 def write_md(out: Path, s: dict) -> None:
     lines = ["# Seed study (benchmarks/seeds.py)", "", f"runs: {', '.join(s['runs'])}", "",
              "| budget | " + " | ".join(f"{n} short" for n in s["runs"]) + " | short mean [min, max] ± std |"
@@ -75,6 +214,30 @@ def write_md(out: Path, s: dict) -> None:
         lines.append(f"| {b} | " + " | ".join(f"{d['runs'][n]['short']:.3f}" for n in s["runs"]) +
                      f" | {sh['mean']:.3f} [{sh['min']:.3f}, {sh['max']:.3f}] ± {sh['std']:.3f} |"
                      f" {lo['mean']:.3f} [{lo['min']:.3f}, {lo['max']:.3f}] |")
+    for n, pr in s.get("paired", {}).items():
+        lines.append(f"- {n}, {pr['n']} short problems (paired): " +
+                     ", ".join(f"{k} {v:.3f}" for k, v in pr["accuracy"].items()) +
+                     f"; smallest / full {pr['small_over_full']:.3f} (90 % {pr['small_over_full_90']}),"
+                     f" full - parent {pr['full_minus_parent']:+.3f} (90 % {pr['full_minus_parent_90']})")
+    for n, ds in s.get("deploy_search", {}).items():
+        for b in ds["budgets"]:
+            lines.append(f"- {n} deploy search k={ds['k']}, {b['budget']}: " + "; ".join(
+                f"{p['params']:,} dropped {p['dropped']} loss {p['calibration_loss']:.4f}" for p in b["proposals"]) +
+                (" (router's first wins)" if b["router_first_wins"] else " (another proposal wins)"))
+        lines.append(f"- {n}: the search deploys {'the same' if ds['same_family_as_run'] else 'another'} family")
+    if "variant" in s:
+        v = s["variant"]
+        lines += ["", f"Variant {v['tag']} ({'; '.join(v['set'])}) on each run's own parent:", ""]
+        for b, d in v["summary"]["budgets"].items():
+            lines.append(f"- {b}: short " + ", ".join(f"{n} {r['short']:.3f}" for n, r in d["runs"].items()) +
+                         f"; mean {d['short']['mean']:.3f}")
+        lines.append("- smallest / full: " + ", ".join(f"{n} {r:.2f}" for n, r in v["summary"]["small_over_full"].items())
+                     + "; checks: " + ", ".join(f"{k} {x}" for k, x in v["summary"]["checks"].items()))
+        for n, pr in v.get("paired", {}).items():
+            lines.append(f"- {n}_{v['tag']}, {pr['n']} short problems: smallest / full {pr['small_over_full']:.3f}"
+                         f" (90 % {pr['small_over_full_90']}), full - parent {pr['full_minus_parent']:+.3f}"
+                         f" (90 % {pr['full_minus_parent_90']}); variant - base: " + ", ".join(
+                             f"{b} {x['diff']:+.3f} {x['diff_90']}" for b, x in v["minus_base"][n].items()))
     lines += ["", "smallest / full (short): " + ", ".join(f"{n} {r:.2f}" for n, r in s["small_over_full"].items()),
               "checks: " + ", ".join(f"{k} {v}" for k, v in s["checks"].items()),
               "wall time (s): " + ", ".join(f"{n} {t}" for n, t in s["total_s"].items())]
@@ -87,6 +250,12 @@ def main(argv=None) -> int:
     p.add_argument("--runs", default=",".join(RUNS), help=f"comma-separated subset of {', '.join(RUNS)}")
     p.add_argument("--summarize", action="store_true", help="train nothing: summarize the runs already there")
     p.add_argument("--add", action="append", default=[], help="NAME=DIR: a finished demo dir to use as run NAME")
+    p.add_argument("--eval-short", type=int, default=0, help="also evaluate every run on N short problems, paired")
+    p.add_argument("--deploy-search", type=int, default=0, help="replay the deploy search with K proposals")
+    p.add_argument("--variant", default="", help="TAG: rerun the elastic part of every run with --set, on the "
+                   "run's own trained parent, as run NAME_TAG (compared with NAME paired on the same problems)")
+    p.add_argument("--set", action="append", default=[], help="a demo override for --variant, e.g. "
+                   "'curriculum.0.budget_probs=[0.2,0.35,0.45]'")
     a = p.parse_args(argv)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -104,11 +273,36 @@ def main(argv=None) -> int:
         for n, d in dirs.items():
             if not (d / "report.json").exists():
                 run_one(out, n)
+    if a.variant and not a.set:
+        p.error("--variant needs at least one --set override")
+    variants = {}  # base run -> its variant's dir
+    for n in list(dirs) if a.variant else []:
+        vd = out / f"{n}_{a.variant}"
+        if not (vd / "report.json").exists() and not a.summarize:
+            run_one(out, n, vd, a.set, parent_from=dirs[n])
+        variants[n] = vd
     reports = {n: json.loads((d / "report.json").read_text()) for n, d in dirs.items() if (d / "report.json").exists()}
     if not reports:
         print("no finished runs to summarize", file=sys.stderr)
         return 1
     s = summarize(reports)
+    if a.eval_short:
+        evals = {n: reevaluate(dirs[n], a.eval_short) for n in reports}
+        s["paired"] = paired(evals)
+    if a.deploy_search > 1:
+        s["deploy_search"] = {n: deploy_search(dirs[n], a.deploy_search) for n in reports}
+    done = {n: d for n, d in variants.items() if (d / "report.json").exists() and n in reports}
+    if done:
+        v = summarize({n: json.loads((d / "report.json").read_text()) for n, d in done.items()})
+        s["variant"] = {"tag": a.variant, "set": a.set, "summary": v}
+        if a.eval_short:  # the variant against its base run, on the same parent and the same problems
+            vev = {n: reevaluate(d, a.eval_short) for n, d in done.items()}
+            s["variant"]["paired"] = paired(vev)
+            s["variant"]["minus_base"] = {
+                n: {b: {"diff": round(vev[n][b]["accuracy_short"] - evals[n][b]["accuracy_short"], 4),
+                        "diff_90": _bootstrap(lambda x, y: x - y, [vev[n][b]["outcomes_short"],
+                                                                   evals[n][b]["outcomes_short"]])}
+                    for b in vev[n] if b != "parent"} for n in done}
     write_md(out, s)
     print(json.dumps(s))
     return 0

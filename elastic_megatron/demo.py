@@ -237,8 +237,10 @@ def _nested(rows: list[dict]) -> bool:
 
 
 @torch.no_grad()
-def evaluate_model(model_dir: str, n_short: int, n_long: int, seed: int) -> dict:
-    """Held-out loss and greedy exact-match accuracy (short / long problems; n = 0 skips) of a standalone model."""
+def evaluate_model(model_dir: str, n_short: int, n_long: int, seed: int, outcomes: bool = False) -> dict:
+    """Held-out loss and greedy exact-match accuracy (short / long problems; n = 0 skips) of a standalone
+    model. `outcomes`: also each problem's 0 / 1 (`outcomes_short` ...), for paired comparisons of
+    models on the same problems (benchmarks/seeds.py)."""
     from .data.synthetic import SyntheticReasoningDataset, extract_answer, heldout_problems
     from .data.tokenizer import load_tokenizer
     from .inference import greedy_generate
@@ -268,7 +270,10 @@ def evaluate_model(model_dir: str, n_short: int, n_long: int, seed: int) -> dict
             problems = heldout_problems(n, seed=seed, min_steps=lo, max_steps=hi)
             texts = greedy_generate(model, tok, [p.prompt for p in problems], max_new,
                                     cfg.model.hybrid_override_pattern, cfg.model.norm_epsilon)
-            a = sum(extract_answer(t) == p.answer for t, p in zip(texts, problems)) / n
+            right = [int(extract_answer(t) == p.answer) for t, p in zip(texts, problems)]
+            a = sum(right) / n
+            if outcomes:
+                acc[f"outcomes_{split}"] = right
             acc[f"accuracy_{split}"] = a
             acc[f"accuracy_{split}_se"] = standard_error(a, n)
             acc[f"n_{split}"] = n
