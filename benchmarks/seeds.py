@@ -132,7 +132,8 @@ def paired(evals: dict[str, dict]) -> dict:
     for n, ev in evals.items():
         names = [k for k in ev if k != "parent"]
         full, small = names[0], names[-1]
-        o = lambda k: ev[k]["outcomes_short"]  # noqa: E731
+        def o(k, ev=ev):
+            return ev[k]["outcomes_short"]
         out[n] = {"n": len(o(full)), "accuracy": {k: round(v["accuracy_short"], 4) for k, v in ev.items()},
                   "small_over_full": round(ev[small]["accuracy_short"] / max(ev[full]["accuracy_short"], 1e-9), 4),
                   "small_over_full_90": _bootstrap(lambda s, f: s / np.maximum(f, 1e-9), [o(small), o(full)]),
@@ -143,8 +144,8 @@ def paired(evals: dict[str, dict]) -> dict:
 
 def deploy_search(d: Path, k: int) -> dict:
     """The run's stage-1 checkpoint, the router's k proposals per budget and their calibration
-    losses (train/elastic_loop._calibration_loss, the numbers the frozen stage would see), the
-    family the search picks, and whether it is the family the run recorded."""
+    losses (train/elastic_loop._calibration_loss and elastic/deploy.deployed_family: what the
+    frozen stage would compute), the family the search picks, and whether the run recorded it."""
     cache = d / f"deploy_search_{k}.json"
     if cache.exists():
         return json.loads(cache.read_text())
@@ -155,13 +156,17 @@ def deploy_search(d: Path, k: int) -> dict:
 
     from elastic_megatron.config import load_config
     from elastic_megatron.data.tokenizer import load_tokenizer
-    from elastic_megatron.elastic.deploy import deployed_candidates
+    from elastic_megatron.elastic.deploy import deployed_family
     from elastic_megatron.elastic.model import ElasticHybrid
     from elastic_megatron.elastic.router import build_router
     from elastic_megatron.elastic.sorting import load_parent
-    from elastic_megatron.elastic.subnet import nest_family, subnet_params
+    from elastic_megatron.elastic.subnet import subnet_params
     from elastic_megatron.model.hybrid import build_model, padded_vocab_size
-    from elastic_megatron.parallel import ParallelLayout, destroy_distributed, init_distributed
+    from elastic_megatron.parallel import (
+        ParallelLayout,
+        destroy_distributed,
+        init_distributed,
+    )
     from elastic_megatron.train.checkpoint import latest_checkpoint
     from elastic_megatron.train.elastic_loop import _calibration_loss
 
@@ -183,21 +188,13 @@ def deploy_search(d: Path, k: int) -> dict:
                                            min_steps=st.min_steps or cfg.data.min_steps,
                                            max_steps=st.max_steps or cfg.data.max_steps))
         score = _calibration_loss(ElasticHybrid(model, cfg, layout), st_cfg, tok)
-        fixed = router.fixed_subnets(cfg.elastic.subnets, 1)
-        family, budgets = [], []
-        for b, name in enumerate(cfg.elastic.budgets):  # as deployed_family, keeping every proposal's loss
-            cap = family[-1] if family else None
-            if b in fixed:
-                family.append(fixed[b])
-                continue
-            props = deployed_candidates(router, b, cap, cfg.elastic.deploy_tolerance, k)
-            losses = [score(p) for p in props]
-            family.append(props[losses.index(min(losses))])
-            budgets.append({"budget": name, "proposals": [
-                {"params": subnet_params(p, cfg.model, vocab), "dropped": [i for i, x in enumerate(p.keep) if not x],
-                 "subnet": p.to_dict(), "calibration_loss": round(l, 4)} for p, l in zip(props, losses)],
-                "router_first_wins": losses.index(min(losses)) == 0})
-        family = nest_family(family)
+        record: list = []
+        family = deployed_family(router, router.fixed_subnets(cfg.elastic.subnets, 1), cfg.elastic.deploy_tolerance,
+                                 score, k, record=record)
+        budgets = [{"budget": cfg.elastic.budgets[b], "proposals": [
+            {"params": subnet_params(p, cfg.model, vocab), "dropped": [i for i, x in enumerate(p.keep) if not x],
+             "subnet": p.to_dict(), "calibration_loss": round(l, 4)} for p, l in zip(props, losses)],
+            "router_first_wins": losses.index(min(losses)) == 0} for b, props, losses in record]
         res = {"k": k, "budgets": budgets, "same_family_as_run": [s.to_dict() for s in family] == recorded}
     finally:
         destroy_distributed()

@@ -261,9 +261,10 @@ class StageConfig:
     budget_probs: list[float] = field(default_factory=list)
     # How micro-batches get their budget: random = each drawn independently from budget_probs;
     # stratified = every window of 10 x (number of budgets) micro-batches holds each budget exactly
-    # its share (largest remainder), in a seeded random order. Why: with independent draws the
-    # demo's smallest budget got 12 of the last 30 stage-1 steps in one seed and 22 in another, and
-    # its stage-1 KD loss and final accuracy followed the count (issue 23, docs/results.md).
+    # its share (largest remainder), in a seeded random order, so no seed starves a budget for a
+    # stretch (the demo's smallest got 12 of the last 30 stage-1 steps in one seed, 22 in another).
+    # Default random: measured on the demo, stratified moved the router's 0.5 choice to a worse
+    # subnet in 2 of 2 seeds (issue 23, docs/results.md).
     budget_sampling: str = "random"
     # Synthetic data difficulty in this stage (written-out steps per problem); 0 = data.min/max_steps.
     min_steps: int = 0

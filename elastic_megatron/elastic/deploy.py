@@ -154,12 +154,15 @@ def deployed_candidates(router, budget_idx: int, cap: Optional[Subnet], tol: flo
     return out[:k]
 
 
-def deployed_family(router, fixed: dict[int, Subnet], tol: float, score=None, k: int = 1) -> list[Subnet]:
+def deployed_family(router, fixed: dict[int, Subnet], tol: float, score=None, k: int = 1,
+                    record: Optional[list] = None) -> list[Subnet]:
     """One subnet per budget (largest first), nested: a fixed one where `fixed` has it (the full
     model, a hand-picked subnet), else `deployed_subnet` inside the previous budget's. With `score`
     (subnet -> held-out loss) and k > 1: the router proposes `deployed_candidates`, the lowest
     score is deployed (router proposes, validation disposes); each budget is chosen inside the
-    larger budget's *chosen* subnet, so the family stays nested."""
+    larger budget's *chosen* subnet, so the family stays nested. `record`: a list that receives
+    (budget index, proposals, their scores) for every budget the search chose (the evidence that
+    benchmarks/seeds.py reports)."""
     out: list[Subnet] = []
     for b in range(len(router.targets)):
         cap = out[-1] if out else None
@@ -168,7 +171,11 @@ def deployed_family(router, fixed: dict[int, Subnet], tol: float, score=None, k:
         elif tol <= 0:
             out.append(router.inference(b))
         elif score is not None and k > 1:
-            out.append(min(deployed_candidates(router, b, cap, tol, k), key=score))
+            props = deployed_candidates(router, b, cap, tol, k)
+            scores = [score(p) for p in props]
+            if record is not None:
+                record.append((b, props, scores))
+            out.append(props[scores.index(min(scores))])  # the first of equal scores, as min() would
         else:
             out.append(deployed_subnet(router, b, cap, tol))
     return nest_family(out)  # a hand-picked subnet need not fit inside the one before it

@@ -62,7 +62,7 @@ class Budget:
     subnet: Subnet
     params: int
     small: dict  # layer index -> the Mamba layer's gathered vectors (the only non-view tensors)
-    views: dict = field(default_factory=dict)  # budget_views(): slices of the parent's tensors, made once
+    views: dict  # budget_views(): slices of the parent's tensors, made once
 
 
 class BudgetDecoder:
@@ -72,7 +72,7 @@ class BudgetDecoder:
     more than the gathers (measured: 343 ops per step against the exported model's 299)."""
 
     def __init__(self, parent, cfg, budget: Budget):
-        self.model, self.m, self.b = parent, cfg.model, budget
+        self.m, self.b = cfg.model, budget  # the parent's weights come as the budget's views
         self.slots = layer_slots(cfg.model.hybrid_override_pattern)
         self.state: list = [None] * len(self.slots)
 

@@ -245,15 +245,18 @@ def test_a_stage_recomputes_by_its_own_setting(sorted_parent, tmp_path, monkeypa
 
 def test_stratified_budget_sampling_is_what_the_loop_trains(sorted_parent, tmp_path):
     """curriculum.N.budget_sampling=stratified reaches the loop: every step trains the budgets
-    stratified_budget gives its micro-batches (slot = index in the stage's global batch order)."""
+    stratified_budget gives its micro-batches (slot = index in the stage's global batch order,
+    whatever the DP split)."""
     from elastic_megatron.config import load_config
     from elastic_megatron.train.elastic_loop import stratified_budget
 
+    # two DP ranks under torchrun (the console module): each runs one of a step's two micro-batches,
+    # and the budgets are still those of the micro-batches' global slots
     run_cli(["elastic-train", *sorted_parent, *FAST, "curriculum=[{name: s, steps: 4, budget_sampling: stratified}]",
-             f"logging.out_dir={tmp_path}"])
+             "parallel.data=2", f"logging.out_dir={tmp_path}"], nproc=2)
     cfg = load_config(str(tmp_path / "config.yaml"))
     names = list(cfg.elastic.budgets)
-    n_micro = cfg.train.global_batch_size // cfg.train.micro_batch_size
+    n_micro = cfg.train.global_batch_size // cfg.train.micro_batch_size  # global micro-batches per step
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in records if "budgets_seen" in r]
     assert len(steps) == 4 and n_micro >= 2

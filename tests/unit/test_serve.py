@@ -30,7 +30,10 @@ MAX_NEW = 12
 def run_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("serve")
     sorted_args = make_sorted_parent(root, PARENT)
+    # the middle budget hand-picked with query heads cut (1 of 2 per group): the engine multiplies
+    # linear_qkv / linear_proj run by run there, and a head-dim cut exercises the channel packing
     run_cli(["elastic-train", *sorted_args, *FAST, "curriculum=[{name: short, steps: 2}]",
+             'elastic.subnets=["","attn_heads=0.5,mamba_head_dim=0.75,ffn=0.5",""]',
              f"logging.out_dir={root / 'elastic'}"])
     return root / "elastic"
 
@@ -200,6 +203,8 @@ def test_budget_weights_are_views_into_the_parent(run_dir):
                                                *(w for v in b.views["layers"] if v for w in v.values()
                                                  if isinstance(w, torch.Tensor)))]
         assert len(views) > 3 * len(e.budgets) and {t.untyped_storage().data_ptr() for t in views} <= storages
+        # the hand-picked middle budget cuts query heads: its attention runs on row runs of the views
+        assert any(v and v.get("qkv_runs") for b in e.budgets for v in b.views["layers"])
         seen = []
         real_sliced, real_linear = eng.sliced_linear, torch.nn.functional.linear
 
