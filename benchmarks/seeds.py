@@ -31,7 +31,8 @@ Two measurements beside the demo's own numbers, both on the finished runs (nothi
 --deploy-search K  the deploy search (elastic.deploy_candidates = K) replayed on each run's stage-1
                  checkpoint: the router's proposals per budget with their calibration losses and
                  whether the search would deploy another family than the run did (the run's
-                 stage 2 trained the router's own). Cached in RUN/deploy_search_K.json.
+                 stage 2 trained the router's own); --deploy-metric picks the score (default auto:
+                 exact match on held-out problems). Cached in RUN/deploy_search_K_METRIC.json.
 """
 
 from __future__ import annotations
@@ -142,11 +143,12 @@ def paired(evals: dict[str, dict]) -> dict:
     return out
 
 
-def deploy_search(d: Path, k: int) -> dict:
-    """The run's stage-1 checkpoint, the router's k proposals per budget and their calibration
-    losses (train/elastic_loop._calibration_loss and elastic/deploy.deployed_family: what the
-    frozen stage would compute), the family the search picks, and whether the run recorded it."""
-    cache = d / f"deploy_search_{k}.json"
+def deploy_search(d: Path, k: int, metric: str = "auto") -> dict:
+    """The run's stage-1 checkpoint, the router's k proposals per budget and their scores under
+    `metric` (elastic.deploy_metric; train/deploy_score.deploy_scorer and
+    elastic/deploy.deployed_family: what the frozen stage would compute), the family the search
+    picks, and whether the run recorded it."""
+    cache = d / f"deploy_search_{k}_{metric}.json"
     if cache.exists():
         return json.loads(cache.read_text())
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -168,10 +170,10 @@ def deploy_search(d: Path, k: int) -> dict:
         init_distributed,
     )
     from elastic_megatron.train.checkpoint import latest_checkpoint
-    from elastic_megatron.train.elastic_loop import _calibration_loss
+    from elastic_megatron.train.deploy_score import deploy_scorer
 
     cfg = load_config(str(d / "elastic" / "config.yaml"))
-    cfg = replace(cfg, elastic=replace(cfg.elastic, deploy_candidates=k))
+    cfg = replace(cfg, elastic=replace(cfg.elastic, deploy_candidates=k, deploy_metric=metric))
     layout = ParallelLayout.resolve(cfg, 1)
     init_distributed(layout, cfg.train.seed)
     try:
@@ -187,15 +189,16 @@ def deploy_search(d: Path, k: int) -> dict:
         st_cfg = replace(cfg, data=replace(cfg.data, seq_length=st.seq_length or cfg.data.seq_length,
                                            min_steps=st.min_steps or cfg.data.min_steps,
                                            max_steps=st.max_steps or cfg.data.max_steps))
-        score = _calibration_loss(ElasticHybrid(model, cfg, layout), st_cfg, tok)
+        score = deploy_scorer(ElasticHybrid(model, cfg, layout), model, cfg, st_cfg, tok,
+                              st.micro_batch_size or cfg.train.micro_batch_size, vocab)
         record: list = []
         family = deployed_family(router, router.fixed_subnets(cfg.elastic.subnets, 1), cfg.elastic.deploy_tolerance,
                                  score, k, record=record)
         budgets = [{"budget": cfg.elastic.budgets[b], "proposals": [
             {"params": subnet_params(p, cfg.model, vocab), "dropped": [i for i, x in enumerate(p.keep) if not x],
-             "subnet": p.to_dict(), "calibration_loss": round(l, 4)} for p, l in zip(props, losses)],
-            "router_first_wins": losses.index(min(losses)) == 0} for b, props, losses in record]
-        res = {"k": k, "budgets": budgets, "same_family_as_run": [s.to_dict() for s in family] == recorded}
+             "subnet": p.to_dict(), "score": [round(x, 4) for x in sc]} for p, sc in zip(props, scores)],
+            "router_first_wins": scores.index(min(scores)) == 0} for b, props, scores in record]
+        res = {"k": k, "metric": metric, "budgets": budgets, "same_family_as_run": [s.to_dict() for s in family] == recorded}
     finally:
         destroy_distributed()
     cache.write_text(json.dumps(res))
@@ -218,8 +221,8 @@ def write_md(out: Path, s: dict) -> None:
                      f" full - parent {pr['full_minus_parent']:+.3f} (90 % {pr['full_minus_parent_90']})")
     for n, ds in s.get("deploy_search", {}).items():
         for b in ds["budgets"]:
-            lines.append(f"- {n} deploy search k={ds['k']}, {b['budget']}: " + "; ".join(
-                f"{p['params']:,} dropped {p['dropped']} loss {p['calibration_loss']:.4f}" for p in b["proposals"]) +
+            lines.append(f"- {n} deploy search k={ds['k']} ({ds['metric']}), {b['budget']}: " + "; ".join(
+                f"{p['params']:,} dropped {p['dropped']} score {p['score']}" for p in b["proposals"]) +
                 (" (router's first wins)" if b["router_first_wins"] else " (another proposal wins)"))
         lines.append(f"- {n}: the search deploys {'the same' if ds['same_family_as_run'] else 'another'} family")
     if "variant" in s:
@@ -249,6 +252,8 @@ def main(argv=None) -> int:
     p.add_argument("--add", action="append", default=[], help="NAME=DIR: a finished demo dir to use as run NAME")
     p.add_argument("--eval-short", type=int, default=0, help="also evaluate every run on N short problems, paired")
     p.add_argument("--deploy-search", type=int, default=0, help="replay the deploy search with K proposals")
+    p.add_argument("--deploy-metric", default="auto", choices=("auto", "exact", "loss"),
+                   help="what --deploy-search scores the proposals on (elastic.deploy_metric)")
     p.add_argument("--variant", default="", help="TAG: rerun the elastic part of every run with --set, on the "
                    "run's own trained parent, as run NAME_TAG (compared with NAME paired on the same problems)")
     p.add_argument("--set", action="append", default=[], help="a demo override for --variant, e.g. "
@@ -287,7 +292,7 @@ def main(argv=None) -> int:
         evals = {n: reevaluate(dirs[n], a.eval_short) for n in reports}
         s["paired"] = paired(evals)
     if a.deploy_search > 1:
-        s["deploy_search"] = {n: deploy_search(dirs[n], a.deploy_search) for n in reports}
+        s["deploy_search"] = {n: deploy_search(dirs[n], a.deploy_search, a.deploy_metric) for n in reports}
     done = {n: d for n, d in variants.items() if (d / "report.json").exists() and n in reports}
     if done:
         v = summarize({n: json.loads((d / "report.json").read_text()) for n, d in done.items()})

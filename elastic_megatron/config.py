@@ -207,15 +207,19 @@ class ElasticConfig:
     # Router proposes, validation disposes: at the start of the first `router: frozen` stage, up to
     # this many on-budget proposals per budget (the router's subnet, then the same search with one
     # axis a step below, then above, the router's mode, elastic/deploy.py; 13 = every one of the six
-    # axes both ways) are scored on the student's held-out loss
-    # (deploy_calibration_samples validation sequences) and the lowest is deployed; the checkpoint
-    # records that family, so slice / export-hf / generate cut the same one. 1 (default) = the
-    # router's subnet only: on the one seed measured the search kept the router's proposals, and a
-    # pipeline-parallel run cannot score them (no rank holds the whole model), so > 1 needs
-    # parallel.pipeline=1. Why: issue 23, the router's choice at 0.5 can flip between seeds
-    # (docs/results.md).
-    deploy_candidates: int = 1
-    deploy_calibration_samples: int = 16
+    # axes both ways) are scored on held-out data (deploy_metric) and the best is deployed; the
+    # checkpoint records that family, so slice / export-hf / generate cut the same one. Scoring runs
+    # on every layout (train/deploy_score.py). 1 = the router's subnet only. Default 13: measured on
+    # the demo over three seeds (issue 23, docs/results.md), the full and 0.75 budgets gain and the
+    # 0.5 one holds; the search costs 26 forward passes over the samples.
+    deploy_candidates: int = 13
+    # What scores a proposal: exact = teacher-forced exact match on held-out problems of the stage's
+    # step range (the synthetic corpus only: "greedy decoding writes the reference solution", one
+    # forward; ties broken by the solution-token loss); loss = the mean next-token loss on
+    # validation sequences (any data); auto = exact on the synthetic corpus, else loss.
+    deploy_metric: str = "auto"
+    # held-out problems (exact) or sequences (loss) per proposal; 0 = 128 problems or 16 sequences
+    deploy_calibration_samples: int = 0
     importance_batches: int = 8  # calibration micro-batches for importance estimation
     importance_path: str = ""  # saved scores (.pt); empty = <logging.out_dir>/importance.pt
     depth_metric: str = "nmse"  # layer ranking: nmse (iterative normalized MSE of logits) or cosine
@@ -328,6 +332,7 @@ _CHOICES = {
     "train.recompute": ("none", "full"),
     "parallel.backend": ("auto", "nccl", "gloo"),
     "logging.wandb_mode": ("offline", "online", "disabled"),
+    "elastic.deploy_metric": ("auto", "exact", "loss"),
     "elastic.mode": ("hard", "soft"),
     "elastic.depth_metric": ("nmse", "cosine"),
     "router.cost": ("params", "memory"),
@@ -557,12 +562,12 @@ def _validate_elastic(cfg: RunConfig) -> None:
         _fail("elastic.deploy_tolerance", f"must be in [0, 0.5), got {e.deploy_tolerance}")
     if e.deploy_candidates < 1:
         _fail("elastic.deploy_candidates", f"must be >= 1 (1 = the router's subnet only), got {e.deploy_candidates}")
-    if e.deploy_candidates > 1 and cfg.parallel.pipeline > 1:
-        _fail("elastic.deploy_candidates", f"{e.deploy_candidates} needs parallel.pipeline=1: the proposals are scored "
-              "by a whole-model forward on one rank, so a pipeline run would deploy another family than the same run "
-              "on one process; set elastic.deploy_candidates=1")
-    if e.deploy_calibration_samples < 1:
-        _fail("elastic.deploy_calibration_samples", f"must be >= 1, got {e.deploy_calibration_samples}")
+    if e.deploy_metric == "exact" and cfg.data.source != "synthetic":
+        _fail("elastic.deploy_metric", "exact scores held-out problems of the synthetic corpus; with "
+              f"data.source={cfg.data.source} use loss (or auto)")
+    if e.deploy_calibration_samples < 0:
+        _fail("elastic.deploy_calibration_samples", f"must be >= 0 (0 = 128 problems or 16 sequences, by "
+              f"elastic.deploy_metric), got {e.deploy_calibration_samples}")
     for i, st in enumerate(cfg.curriculum):
         key = f"curriculum.{i}"
         if st.router not in ("learn", "frozen"):

@@ -268,8 +268,10 @@ def evaluate_model(model_dir: str, n_short: int, n_long: int, seed: int, outcome
             if n == 0:
                 continue
             problems = heldout_problems(n, seed=seed, min_steps=lo, max_steps=hi)
+            # 256 rows per batch: 2.3x faster than 64 for the 256 short problems on 2 cores, the
+            # same text for every problem (each row decodes its own sequence; measured, session 11)
             texts = greedy_generate(model, tok, [p.prompt for p in problems], max_new,
-                                    cfg.model.hybrid_override_pattern, cfg.model.norm_epsilon)
+                                    cfg.model.hybrid_override_pattern, cfg.model.norm_epsilon, batch=256)
             right = [int(extract_answer(t) == p.answer) for t, p in zip(texts, problems)]
             a = sum(right) / n
             if outcomes:

@@ -43,6 +43,7 @@ from ..elastic.subnet import Subnet, subnet_params
 from ..model.hybrid import build_model, model_device, padded_vocab_size
 from ..parallel import ParallelLayout, destroy_distributed, init_distributed
 from .checkpoint import latest_checkpoint, loop_state, remove_partial_saves, resolve_checkpoint, save_checkpoint
+from .deploy_score import deploy_scorer
 from .loop import StepBatches, run_dtype, run_schedule
 from .metrics import MetricsLogger
 from .optim import build_optimizer, lr_at, set_lr, wrap_ddp
@@ -195,7 +196,8 @@ def _elastic_train(cfg: RunConfig, layout: ParallelLayout, layer_order, guard: P
         frozen = stage.router == "frozen"
         if frozen:
             if chosen is None:  # the first frozen stage: choose (and record) the deployed family once
-                score = _calibration_loss(s_view, stage_cfg, tok) if cfg.elastic.deploy_candidates > 1 else None
+                score = (deploy_scorer(s_view, ddp, cfg, stage_cfg, tok, mbs, vocab)
+                         if cfg.elastic.deploy_candidates > 1 else None)
                 chosen = deployed_family(router, fixed, cfg.elastic.deploy_tolerance, score,
                                          cfg.elastic.deploy_candidates)
             family = chosen
@@ -257,37 +259,6 @@ def _elastic_train(cfg: RunConfig, layout: ParallelLayout, layer_order, guard: P
         stage_start = stage_end
     logger.close()
     return result
-
-
-def _calibration_loss(s_view, cfg: RunConfig, tok):
-    """subnet -> the student's mean next-token loss on the first `elastic.deploy_calibration_samples`
-    validation sequences of this stage's data (held out from training), for `deployed_family` to
-    pick among the router's proposals. The same batch and weights on every rank: the same choice.
-    One process-local forward per proposal (seconds at demo size); needs the whole model on this
-    rank, so under pipeline parallelism the router's own proposal is deployed (returns None)."""
-    if not (s_view.model.pre_process and s_view.model.post_process):
-        return None
-    _, valid = build_datasets(cfg, tok, num_train=1, num_valid=cfg.elastic.deploy_calibration_samples)
-    samples = [valid[i] for i in range(cfg.elastic.deploy_calibration_samples)]
-    batch = {k: torch.stack([x[k] for x in samples]).to(model_device(s_view.model))
-             for k in ("tokens", "labels", "loss_mask", "position_ids")}
-    mask = batch["loss_mask"].float()
-
-    def score(subnet) -> float:
-        with torch.no_grad():
-            logits = s_view(batch["tokens"], batch["position_ids"], None, subnet=subnet)
-            ce = tensor_parallel.vocab_parallel_cross_entropy(logits.float().transpose(0, 1).contiguous(),
-                                                              batch["labels"].transpose(0, 1).contiguous())
-            loss = float((ce.transpose(0, 1) * mask).sum() / mask.sum().clamp(min=1.0))
-        if dist.get_rank() == 0:  # the evidence for the choice (issue 23): every proposal and its loss
-            vocab = logits.shape[-1] * ps.get_tensor_model_parallel_world_size()
-            dropped = [i for i, k in enumerate(subnet.keep) if not k]
-            print(f"[deploy] proposal {subnet_params(subnet, cfg.model, vocab):,} params, dropped layers {dropped},"
-                  f" hidden {subnet.hidden}, mamba heads {list(subnet.mamba_heads)}, head dim"
-                  f" {list(subnet.mamba_head_dim)}, attn heads {list(subnet.attn_heads)}, ffn {list(subnet.ffn)}:"
-                  f" calibration loss {loss:.4f}", flush=True)
-        return loss
-    return score
 
 
 def fixed_decision(dec, subnet, cost: int):

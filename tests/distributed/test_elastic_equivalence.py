@@ -74,8 +74,11 @@ ELASTIC = [*FAST, "curriculum.0.steps=2",  # stage 1: seq 32, 4 micro-batches of
            "curriculum.1.micro_batch_size=2", "curriculum.1.min_steps=2", "curriculum.1.max_steps=4"]
 # The recipe each layout runs: the default (soft routing in stage 1, the deployed family frozen and
 # sliced in stage 2), or hard routing in both stages (the straight-through path).
-RECIPES = {"default": [], "hard": ["elastic.mode=hard", "curriculum.1.router=learn"],
-           "default_kd": ["distill.intermediate_layers=[3,7]", "distill.intermediate_weight=0.5"]}
+# The default recipes score the router's proposals at the start of stage 2 (train/deploy_score.py:
+# teacher-forced exact match, ties broken by the solution loss) on every layout, the pipeline's too.
+DEPLOY = ["elastic.deploy_candidates=13", "elastic.deploy_metric=exact", "elastic.deploy_calibration_samples=8"]
+RECIPES = {"default": DEPLOY, "hard": ["elastic.mode=hard", "curriculum.1.router=learn"],
+           "default_kd": [*DEPLOY, "distill.intermediate_layers=[3,7]", "distill.intermediate_weight=0.5"]}
 SP = "parallel.sequence_parallel=true"
 # layout -> (the TP size its parent was sorted under, overrides of the parallel run, its processes, recipe)
 LAYOUTS = {
@@ -195,6 +198,22 @@ def deployed(args: list[str], router_state: dict) -> list[dict]:
     return [router.inference(b).to_dict() for b in range(len(router.targets))]
 
 
+def router_family(args: list[str], loop: dict) -> list[dict]:
+    """The family the router alone deploys (elastic.deploy_candidates=1) from a run's final router."""
+    from elastic_megatron.config import load_config
+    from elastic_megatron.data.tokenizer import load_tokenizer
+    from elastic_megatron.elastic.deploy import deployed_family
+    from elastic_megatron.elastic.router import build_router
+    from elastic_megatron.model.hybrid import padded_vocab_size
+
+    cfg = load_config(args[1], args[2:])
+    vocab = padded_vocab_size(cfg.model, load_tokenizer(cfg.data.tokenizer).vocab_size, 1)
+    router = build_router(cfg, vocab, layer_order=loop["layer_order"], tp=1)
+    router.load_state_dict(loop["router"])
+    return [s.to_dict() for s in deployed_family(router, router.fixed_subnets(cfg.elastic.subnets, 1),
+                                                 cfg.elastic.deploy_tolerance)]
+
+
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_two_process_elastic_run_matches_single_process(parents, references, two_process, layout):
     sort_tp, reference = LAYOUTS[layout][0], references[LAYOUTS[layout][3]]
@@ -223,6 +242,10 @@ def test_two_process_elastic_run_matches_single_process(parents, references, two
             moments_diff = max(moments_diff, float((opt[i][f] - st[f]).abs().max() / st[f].abs().max().clamp(min=1e-30)))
     assert moments_diff <= 100 * TOL, f"{layout}: router Adam moments differ by {moments_diff:.2e} (relative)"
     assert deployed(cfg_args, loop["router"]) == deployed(cfg_args, loop_ref["router"])
+    if LAYOUTS[layout][3] != "hard":  # the deploy search chose the same family on this layout
+        assert loop["family"] == loop_ref["family"]
+        # ... and it chose: at least one budget is not the router's own proposal
+        assert loop_ref["family"] != router_family(cfg_args, loop_ref), loop_ref["family"]
 
     # the student's FFN as saved is laid out for the run's TP: bring it to the TP=1 layout to compare
     weight_diff = weights_diff(relaid(w, loop["ffn_layout_tp"]), w_ref, sum(r["lr"] for r in ref), "student")

@@ -105,14 +105,72 @@ def test_family_deploys_the_lowest_scored_proposal_and_stays_nested(seed):
 def test_deploy_candidates_is_validated():
     from elastic_megatron.config import ConfigError, load_config
 
-    assert load_config(None).elastic.deploy_candidates == 1
-    for key in ("elastic.deploy_candidates=0", "elastic.deploy_calibration_samples=0"):
+    assert load_config(None).elastic.deploy_candidates == 13
+    for key in ("elastic.deploy_candidates=0", "elastic.deploy_calibration_samples=-1", "elastic.deploy_metric=acc"):
         with pytest.raises(ConfigError, match=key.split("=")[0]):
             load_config(None, [key])
-    # a pipeline run cannot score proposals, and must deploy what the one-process run deploys
-    with pytest.raises(ConfigError, match="elastic.deploy_candidates.*parallel.pipeline=1"):
-        load_config(None, ["elastic.deploy_candidates=4", "parallel.pipeline=2"])
-    assert load_config(None, ["elastic.deploy_candidates=4", "parallel.tensor=2"]).elastic.deploy_candidates == 4
+    # exact match needs problems with reference solutions: the synthetic corpus
+    with pytest.raises(ConfigError, match="elastic.deploy_metric.*synthetic"):
+        load_config(None, ["elastic.deploy_metric=exact", "data.source=indexed", "data.paths=[/x]"])
+    # the search scores on every layout now (train/deploy_score.py): pipeline runs are not refused
+    assert load_config(None, ["elastic.deploy_candidates=4", "parallel.pipeline=2"]).elastic.deploy_candidates == 4
+
+
+def test_problem_rows_mark_the_solution_and_eos():
+    """Each row is one held-out (valid split) problem, <bos> prompt solution <eos>; the solution mask
+    covers exactly the labels greedy decoding must write, and a problem too long for the row is cut
+    and flagged (it counts as missed)."""
+    from elastic_megatron.config import load_config
+    from elastic_megatron.data.synthetic import split_of
+    from elastic_megatron.data.tokenizer import load_tokenizer
+    from elastic_megatron.train.deploy_score import problem_rows
+
+    cfg, tok = load_config(None), load_tokenizer("char")
+    rows = problem_rows(cfg, tok, 6, 128)
+    assert rows["tokens"].shape == rows["labels"].shape == rows["solution"].shape == (6, 128)
+    assert torch.equal(rows["tokens"][:, 1:], rows["labels"][:, :-1])
+    for i in range(6):
+        ids = rows["tokens"][i].tolist()
+        assert ids[0] == tok.bos_id
+        text = tok.decode(ids[1:])
+        prompt = text[:text.index("\n") + 1]
+        assert split_of(prompt) == "valid"
+        marked = rows["labels"][i][rows["solution"][i] > 0].tolist()
+        assert marked[-1] == tok.eos_id and tok.decode(marked[:-1]) == text[len(prompt):text.index("a: ")] + \
+            text[text.index("a: "):].split("\n")[0]
+        assert not rows["cut"][i]
+    short = problem_rows(cfg, tok, 6, 24)  # 2-3-step problems take 35-96 tokens: every one is cut
+    assert bool(short["cut"].all())
+
+
+def test_exact_stats_count_problems_whose_every_solution_token_is_the_argmax():
+    """Teacher-forced exact match: a problem counts only when the label is the argmax at every
+    solution position (prompt positions do not matter), padding rows count as no problem, and the
+    solution loss is the CE over solution tokens only."""
+    from elastic_megatron.parallel import ParallelLayout, destroy_distributed, init_distributed
+    from elastic_megatron.config import load_config
+    from elastic_megatron.train.deploy_score import _exact_stats
+
+    init_distributed(ParallelLayout.resolve(load_config(None), 1), 0)
+    try:
+        b, s, v = 4, 6, 11
+        labels = torch.randint(0, v, (b, s), generator=torch.Generator().manual_seed(0))
+        logits = torch.randn(b, s, v, generator=torch.Generator().manual_seed(1))
+        logits.scatter_(-1, labels[..., None], 10.0)  # every label is the argmax ...
+        sol = torch.zeros(b, s)
+        sol[:3, 2:5] = 1.0  # rows 0-2 hold a problem with a 3-token solution; row 3 pads the batch
+        logits[1, 3, (labels[1, 3] + 1) % v] = 20.0  # ... except one solution token of row 1
+        logits[2, 0, (labels[2, 0] + 1) % v] = 20.0  # and one prompt token of row 2 (does not count)
+        batch = {"labels": labels, "solution": sol, "cut": torch.tensor([False, False, False, False])}
+        _, out = _exact_stats(batch, logits)
+        problems, right, ce, tokens = out["stats"].tolist()
+        assert (problems, right, tokens) == (3, 2, 9)
+        ref = torch.nn.functional.cross_entropy(logits.reshape(-1, v), labels.reshape(-1), reduction="none")
+        assert ce == pytest.approx(float((ref.reshape(b, s) * sol).sum()), rel=1e-6)
+        batch["cut"] = torch.tensor([True, False, False, False])  # a cut problem is a miss
+        assert _exact_stats(batch, logits)[1]["stats"][1] == 1
+    finally:
+        destroy_distributed()
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])

@@ -1,0 +1,173 @@
+"""Scoring the router's deploy proposals: the router proposes, validation disposes (issue 23).
+
+At the start of the first `router: frozen` stage, `elastic/deploy.deployed_family` asks for a score
+per proposed subnet and deploys the best one. This module builds that score, on any layout:
+
+    metric = exact   held-out problems of the stage's data (the synthetic corpus' valid split, one
+                     problem per row: <bos> prompt solution <eos>, padded), teacher-forced: a problem
+                     counts when the student's argmax is the right token at every position of its
+                     solution and <eos>, which is exactly "greedy decoding writes the reference
+                     solution". Score (problems missed, mean solution-token loss): fewest misses
+                     first, the loss breaks ties.
+    metric = loss    the mean next-token loss on validation sequences of the stage's data (any
+                     data source; packed sequences, prompts included).
+
+Why exact is the default for the synthetic corpus: measured in the demo's seed study
+(docs/results.md), two 0.5 subnets of one run with the same held-out loss (0.287) scored 0.328 and
+0.273 short accuracy. A packed sequence's loss is mostly its prompts' random digits, which no
+subnet predicts better than another; the deployed model is judged on its solutions.
+
+Every rank computes the same score: the problems are split over the DP ranks, each stage of a
+pipeline runs megatron's schedule forward-only (so pipeline parallelism can score too), and the
+last stage's sums are all-reduced over the pipeline and data-parallel groups. Counts are integers,
+so the choice does not depend on the layout; the loss only breaks ties.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state as ps
+from megatron.core import tensor_parallel
+
+from ..config import RunConfig
+from ..data.build import build_datasets
+from ..elastic.subnet import subnet_params
+from ..model.hybrid import model_device
+from .loop import run_schedule
+
+
+def problem_rows(cfg: RunConfig, tok, n: int, seq: int) -> dict[str, torch.Tensor]:
+    """n held-out (valid split) problems of cfg.data's step range, one per row of seq tokens:
+    tokens / labels / position_ids [n, seq] and `solution` [n, seq], 1.0 where the label is a token
+    of the problem's solution or its <eos> (what greedy decoding must write), 0.0 on the prompt and
+    the padding. A problem longer than the row is cut; its missing tail counts as wrong."""
+    from ..data.synthetic import derive_seed, generate_problems
+
+    d = cfg.data
+    problems = generate_problems(n, seed=derive_seed("deploy", cfg.train.seed), min_steps=d.min_steps,
+                                 max_steps=d.max_steps, split="valid")
+    tokens = torch.full((n, seq + 1), tok.pad_id, dtype=torch.long)
+    solution = torch.zeros(n, seq)
+    cut = torch.zeros(n, dtype=torch.bool)
+    for i, p in enumerate(problems):
+        prompt = [tok.bos_id] + tok.encode(p.prompt)
+        ids = prompt + tok.encode(p.solution) + [tok.eos_id]
+        cut[i] = len(ids) > seq + 1
+        ids = ids[:seq + 1]
+        tokens[i, :len(ids)] = torch.tensor(ids)
+        solution[i, len(prompt) - 1:len(ids) - 1] = 1.0  # label j is token j + 1
+    return {"tokens": tokens[:, :-1].contiguous(), "labels": tokens[:, 1:].contiguous(),
+            "position_ids": torch.arange(seq).expand(n, seq).contiguous(), "solution": solution, "cut": cut}
+
+
+def _token_right(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """[b, s, V/tp] vocab-parallel logits, [b, s] labels -> [b, s] bool: is the label the argmax
+    (a tie counts as right). Max and the label's logit are all-reduced over TP: exact operations."""
+    lg = logits.float()
+    top = lg.max(dim=-1).values
+    vp = lg.shape[-1]
+    local = labels - ps.get_tensor_model_parallel_rank() * vp
+    inside = (local >= 0) & (local < vp)
+    mine = lg.gather(-1, local.clamp(0, vp - 1)[..., None])[..., 0]
+    lab = torch.where(inside, mine, torch.zeros_like(mine))
+    if ps.get_tensor_model_parallel_world_size() > 1:
+        group = ps.get_tensor_model_parallel_group()
+        dist.all_reduce(top, op=dist.ReduceOp.MAX, group=group)
+        dist.all_reduce(lab, group=group)  # only the rank holding the label adds a non-zero
+    return lab >= top
+
+
+def _exact_stats(batch, logits):
+    """[b, s, V/tp] -> sums over this micro-batch: problems, problems right, solution-token loss, tokens."""
+    sol = batch["solution"]
+    ce = tensor_parallel.vocab_parallel_cross_entropy(logits.float().transpose(0, 1).contiguous(),
+                                                      batch["labels"].transpose(0, 1).contiguous()).transpose(0, 1)
+    wrong = ((~_token_right(logits, batch["labels"])) & (sol > 0)).any(dim=1) | batch["cut"]
+    real = sol.sum(dim=1) > 0  # rows that hold a problem (the rest only pad a micro-batch)
+    stats = torch.stack([real.sum(), (real & ~wrong).sum(), (ce * sol).sum(), sol.sum()]).double()
+    return stats[1].clone(), {"stats": stats}
+
+
+def _loss_stats(batch, logits):
+    mask = batch["loss_mask"].float()
+    ce = tensor_parallel.vocab_parallel_cross_entropy(logits.float().transpose(0, 1).contiguous(),
+                                                      batch["labels"].transpose(0, 1).contiguous()).transpose(0, 1)
+    zero = mask.sum() * 0
+    stats = torch.stack([zero, zero, (ce * mask).sum(), mask.sum()]).double()
+    return stats[2].clone(), {"stats": stats}
+
+
+def _score_step(s_view, subnet, stats_fn, data_iterator, model):
+    batch = next(data_iterator)
+    hidden_in = None if s_view.model.pre_process else s_view.model.decoder.input_tensor
+    logits = s_view(batch["tokens"], batch["position_ids"], None, subnet=subnet, hidden_in=hidden_in)
+    if not s_view.model.post_process:
+        return logits, None
+    return logits, partial(stats_fn, batch)
+
+
+def deploy_metric(cfg: RunConfig) -> str:
+    """elastic.deploy_metric with auto resolved: exact on the synthetic corpus, else loss."""
+    m = cfg.elastic.deploy_metric
+    return m if m != "auto" else ("exact" if cfg.data.source == "synthetic" else "loss")
+
+
+def deploy_scorer(s_view, model, cfg: RunConfig, stage_cfg: RunConfig, tok, mbs: int, vocab: int):
+    """subnet -> score (lower is better; a tuple, compared in order) for `deployed_family`, the same
+    on every rank. `model`: what megatron's schedule gets (the DDP-wrapped student); `stage_cfg`:
+    the first frozen stage's config (its data range and sequence length); `mbs`: its micro-batch
+    size; `vocab`: the padded vocabulary (for the logged parameter counts)."""
+    e, seq, metric = cfg.elastic, stage_cfg.data.seq_length, deploy_metric(cfg)
+    n = e.deploy_calibration_samples or (128 if metric == "exact" else 16)
+    dp, rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+    if metric == "exact":
+        rows = problem_rows(stage_cfg, tok, n, seq)
+        # causal model: positions after a row's solution change nothing before them, so every row is
+        # cut to the longest problem (a multiple of 8 x TP, for sequence parallelism; ~1/5 less work
+        # for the demo's 2-6-step problems in 256-token rows)
+        step = 8 * ps.get_tensor_model_parallel_world_size()
+        used = int((rows["solution"].sum(0) > 0).nonzero().max()) + 1 if rows["solution"].any() else 1
+        seq = min(seq, -(-used // step) * step)
+        rows = {k: v[:, :seq] if v.dim() == 2 else v for k, v in rows.items()}
+    else:
+        _, valid = build_datasets(stage_cfg, tok, num_train=1, num_valid=n)
+        samples = [valid[i] for i in range(n)]
+        rows = {k: torch.stack([x[k] for x in samples]) for k in ("tokens", "labels", "loss_mask", "position_ids")}
+    # this DP rank's share, padded with empty rows (no solution, no loss) to whole micro-batches
+    per = -(-n // dp)
+    n_micro = max(1, -(-per // mbs))
+    lo, hi = min(n, rank * per), min(n, (rank + 1) * per)
+    device = model_device(s_view.model)
+    mine = {}
+    for k, v in rows.items():
+        part = v[lo:hi]
+        pad = n_micro * mbs - part.shape[0]
+        filler = torch.zeros((pad, *v.shape[1:]), dtype=v.dtype) if k != "position_ids" else v[:1].expand(pad, -1)
+        mine[k] = torch.cat([part, filler]).to(device)
+    micro = [{k: v[i * mbs:(i + 1) * mbs] for k, v in mine.items()} for i in range(n_micro)]
+    stats_fn = _exact_stats if metric == "exact" else _loss_stats
+
+    def score(subnet):
+        with torch.no_grad():
+            outs = run_schedule(model, partial(_score_step, s_view, subnet, stats_fn), iter(micro), n_micro, cfg, seq,
+                                forward_only=True, micro_batch_size=mbs)
+        sums = torch.zeros(4, dtype=torch.float64, device=device)
+        if ps.is_pipeline_last_stage():
+            sums += torch.stack([o["stats"] for o in outs]).sum(0).to(device)
+        dist.all_reduce(sums, group=ps.get_pipeline_model_parallel_group())  # last stage -> every stage
+        dist.all_reduce(sums, group=ps.get_data_parallel_group())  # every DP rank's problems
+        problems, right, ce, tokens = sums.tolist()
+        loss = ce / max(tokens, 1.0)
+        result = (round(problems - right), loss) if metric == "exact" else (0, loss)
+        if dist.get_rank() == 0:  # the evidence for the choice: every proposal and its score
+            dropped = [i for i, k in enumerate(subnet.keep) if not k]
+            what = (f"exact {right:.0f}/{problems:.0f}, solution loss {loss:.4f}" if metric == "exact"
+                    else f"calibration loss {loss:.4f}")
+            print(f"[deploy] proposal {subnet_params(subnet, cfg.model, vocab):,} params, dropped layers {dropped}, hidden {subnet.hidden}, mamba heads"
+                  f" {list(subnet.mamba_heads)}, head dim {list(subnet.mamba_head_dim)}, attn heads"
+                  f" {list(subnet.attn_heads)}, ffn {list(subnet.ffn)}: {what}", flush=True)
+        return result
+    return score
