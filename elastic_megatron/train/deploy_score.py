@@ -123,31 +123,44 @@ def deploy_scorer(s_view, model, cfg: RunConfig, stage_cfg: RunConfig, tok, mbs:
     e, seq, metric = cfg.elastic, stage_cfg.data.seq_length, deploy_metric(cfg)
     n = e.deploy_calibration_samples or (128 if metric == "exact" else 16)
     dp, rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+    step = 8 * ps.get_tensor_model_parallel_world_size()  # row lengths: multiples of this (sequence parallel)
     if metric == "exact":
         rows = problem_rows(stage_cfg, tok, n, seq)
-        # causal model: positions after a row's solution change nothing before them, so every row is
-        # cut to the longest problem (a multiple of 8 x TP, for sequence parallelism; ~1/5 less work
-        # for the demo's 2-6-step problems in 256-token rows)
-        step = 8 * ps.get_tensor_model_parallel_world_size()
-        used = int((rows["solution"].sum(0) > 0).nonzero().max()) + 1 if rows["solution"].any() else 1
-        seq = min(seq, -(-used // step) * step)
-        rows = {k: v[:, :seq] if v.dim() == 2 else v for k, v in rows.items()}
+        # longest first, dealt out to the DP ranks in turn: each micro-batch holds problems of
+        # similar length, and every rank a similar share of the work
+        length = torch.tensor([int(r.nonzero().max()) + 1 if r.any() else 1 for r in rows["solution"]])
+        order = torch.argsort(-length, stable=True)
+        rows = {k: v[order] for k, v in rows.items()}
+        length = length[order]
     else:
         _, valid = build_datasets(stage_cfg, tok, num_train=1, num_valid=n)
         samples = [valid[i] for i in range(n)]
         rows = {k: torch.stack([x[k] for x in samples]) for k in ("tokens", "labels", "loss_mask", "position_ids")}
+        length = torch.full((n,), seq)
     # this DP rank's share, padded with empty rows (no solution, no loss) to whole micro-batches
-    per = -(-n // dp)
-    n_micro = max(1, -(-per // mbs))
-    lo, hi = min(n, rank * per), min(n, (rank + 1) * per)
+    idx = torch.arange(rank, n, dp)
+    per = -(-n // dp)  # rows on the busiest rank
+    n_micro = max(1, -(-per // mbs))  # the same on every rank
+    pad = n_micro * mbs - len(idx)
     device = model_device(s_view.model)
     mine = {}
     for k, v in rows.items():
-        part = v[lo:hi]
-        pad = n_micro * mbs - part.shape[0]
+        part = v[idx]
         filler = torch.zeros((pad, *v.shape[1:]), dtype=v.dtype) if k != "position_ids" else v[:1].expand(pad, -1)
         mine[k] = torch.cat([part, filler]).to(device)
-    micro = [{k: v[i * mbs:(i + 1) * mbs] for k, v in mine.items()} for i in range(n_micro)]
+    lens = torch.cat([length[idx], torch.ones(pad, dtype=length.dtype)])
+    # causal model: positions after a row's solution change nothing before them, so a micro-batch is
+    # cut to its longest problem (the demo's 2-6-step problems: ~half the tokens of 256-token rows);
+    # a pipeline's stages exchange fixed shapes, so there every micro-batch is cut to the longest
+    cut = lambda m: min(seq, -(-m // step) * step)  # noqa: E731
+    pp = ps.get_pipeline_model_parallel_world_size() > 1
+    longest = int(lens.max())
+    micro = []
+    for i in range(n_micro):
+        width = cut(longest if pp else int(lens[i * mbs:(i + 1) * mbs].max()))
+        micro.append({k: v[i * mbs:(i + 1) * mbs, :width] if v.dim() == 2 else v[i * mbs:(i + 1) * mbs]
+                      for k, v in mine.items()})
+    seq = cut(longest)
     stats_fn = _exact_stats if metric == "exact" else _loss_stats
 
     def score(subnet):
