@@ -173,7 +173,9 @@ def deploy_search(d: Path, k: int, metric: str = "auto") -> dict:
     from elastic_megatron.train.deploy_score import deploy_scorer
 
     cfg = load_config(str(d / "elastic" / "config.yaml"))
-    cfg = replace(cfg, elastic=replace(cfg.elastic, deploy_candidates=k, deploy_metric=metric))
+    # today's sample count (0: the metric's default), not the one the run's saved config recorded
+    cfg = replace(cfg, elastic=replace(cfg.elastic, deploy_candidates=k, deploy_metric=metric,
+                                       deploy_calibration_samples=0))
     layout = ParallelLayout.resolve(cfg, 1)
     init_distributed(layout, cfg.train.seed)
     try:
@@ -222,7 +224,8 @@ def write_md(out: Path, s: dict) -> None:
     for n, ds in s.get("deploy_search", {}).items():
         for b in ds["budgets"]:
             lines.append(f"- {n} deploy search k={ds['k']} ({ds['metric']}), {b['budget']}: " + "; ".join(
-                f"{p['params']:,} dropped {p['dropped']} score {p['score']}" for p in b["proposals"]) +
+                f"{p['params']:,} dropped {p['dropped']} " + (f"missed {p['score'][0]}, solution loss {p['score'][1]:.4f}"
+                if ds["metric"] != "loss" else f"loss {p['score'][1]:.4f}") for p in b["proposals"]) +
                 (" (router's first wins)" if b["router_first_wins"] else " (another proposal wins)"))
         lines.append(f"- {n}: the search deploys {'the same' if ds['same_family_as_run'] else 'another'} family")
     if "variant" in s:

@@ -41,9 +41,10 @@ from .loop import run_schedule
 
 def problem_rows(cfg: RunConfig, tok, n: int, seq: int) -> dict[str, torch.Tensor]:
     """n held-out (valid split) problems of cfg.data's step range, one per row of seq tokens:
-    tokens / labels / position_ids [n, seq] and `solution` [n, seq], 1.0 where the label is a token
+    tokens / labels / position_ids [n, seq], `solution` [n, seq], 1.0 where the label is a token
     of the problem's solution or its <eos> (what greedy decoding must write), 0.0 on the prompt and
-    the padding. A problem longer than the row is cut; its missing tail counts as wrong."""
+    the padding, and `length` [n], the tokens each row uses. A problem longer than the row is cut
+    (`cut` [n]); its missing tail counts as wrong."""
     from ..data.synthetic import derive_seed, generate_problems
 
     d = cfg.data
@@ -52,6 +53,7 @@ def problem_rows(cfg: RunConfig, tok, n: int, seq: int) -> dict[str, torch.Tenso
     tokens = torch.full((n, seq + 1), tok.pad_id, dtype=torch.long)
     solution = torch.zeros(n, seq)
     cut = torch.zeros(n, dtype=torch.bool)
+    length = torch.zeros(n, dtype=torch.long)
     for i, p in enumerate(problems):
         prompt = [tok.bos_id] + tok.encode(p.prompt)
         ids = prompt + tok.encode(p.solution) + [tok.eos_id]
@@ -59,8 +61,10 @@ def problem_rows(cfg: RunConfig, tok, n: int, seq: int) -> dict[str, torch.Tenso
         ids = ids[:seq + 1]
         tokens[i, :len(ids)] = torch.tensor(ids)
         solution[i, len(prompt) - 1:len(ids) - 1] = 1.0  # label j is token j + 1
+        length[i] = len(ids) - 1
     return {"tokens": tokens[:, :-1].contiguous(), "labels": tokens[:, 1:].contiguous(),
-            "position_ids": torch.arange(seq).expand(n, seq).contiguous(), "solution": solution, "cut": cut}
+            "position_ids": torch.arange(seq).expand(n, seq).contiguous(), "solution": solution, "cut": cut,
+            "length": length}
 
 
 def _token_right(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -80,11 +84,16 @@ def _token_right(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return lab >= top
 
 
+def _token_ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """[b, s, V/tp] vocab-parallel logits, [b, s] labels -> [b, s] next-token loss (fp32)."""
+    return tensor_parallel.vocab_parallel_cross_entropy(logits.float().transpose(0, 1).contiguous(),
+                                                        labels.transpose(0, 1).contiguous()).transpose(0, 1)
+
+
 def _exact_stats(batch, logits):
     """[b, s, V/tp] -> sums over this micro-batch: problems, problems right, solution-token loss, tokens."""
     sol = batch["solution"]
-    ce = tensor_parallel.vocab_parallel_cross_entropy(logits.float().transpose(0, 1).contiguous(),
-                                                      batch["labels"].transpose(0, 1).contiguous()).transpose(0, 1)
+    ce = _token_ce(logits, batch["labels"])
     wrong = ((~_token_right(logits, batch["labels"])) & (sol > 0)).any(dim=1) | batch["cut"]
     real = sol.sum(dim=1) > 0  # rows that hold a problem (the rest only pad a micro-batch)
     stats = torch.stack([real.sum(), (real & ~wrong).sum(), (ce * sol).sum(), sol.sum()]).double()
@@ -93,8 +102,7 @@ def _exact_stats(batch, logits):
 
 def _loss_stats(batch, logits):
     mask = batch["loss_mask"].float()
-    ce = tensor_parallel.vocab_parallel_cross_entropy(logits.float().transpose(0, 1).contiguous(),
-                                                      batch["labels"].transpose(0, 1).contiguous()).transpose(0, 1)
+    ce = _token_ce(logits, batch["labels"])
     zero = mask.sum() * 0
     stats = torch.stack([zero, zero, (ce * mask).sum(), mask.sum()]).double()
     return stats[2].clone(), {"stats": stats}
@@ -128,10 +136,9 @@ def deploy_scorer(s_view, model, cfg: RunConfig, stage_cfg: RunConfig, tok, mbs:
         rows = problem_rows(stage_cfg, tok, n, seq)
         # longest first, dealt out to the DP ranks in turn: each micro-batch holds problems of
         # similar length, and every rank a similar share of the work
-        length = torch.tensor([int(r.nonzero().max()) + 1 if r.any() else 1 for r in rows["solution"]])
-        order = torch.argsort(-length, stable=True)
+        order = torch.argsort(-rows["length"], stable=True)
         rows = {k: v[order] for k, v in rows.items()}
-        length = length[order]
+        length = rows.pop("length")
     else:
         _, valid = build_datasets(stage_cfg, tok, num_train=1, num_valid=n)
         samples = [valid[i] for i in range(n)]
@@ -179,8 +186,8 @@ def deploy_scorer(s_view, model, cfg: RunConfig, stage_cfg: RunConfig, tok, mbs:
             dropped = [i for i, k in enumerate(subnet.keep) if not k]
             what = (f"exact {right:.0f}/{problems:.0f}, solution loss {loss:.4f}" if metric == "exact"
                     else f"calibration loss {loss:.4f}")
-            print(f"[deploy] proposal {subnet_params(subnet, cfg.model, vocab):,} params, dropped layers {dropped}, hidden {subnet.hidden}, mamba heads"
-                  f" {list(subnet.mamba_heads)}, head dim {list(subnet.mamba_head_dim)}, attn heads"
+            print(f"[deploy] proposal {subnet_params(subnet, cfg.model, vocab):,} params, dropped layers {dropped},"
+                  f" hidden {subnet.hidden}, mamba heads {list(subnet.mamba_heads)}, head dim {list(subnet.mamba_head_dim)}, attn heads"
                   f" {list(subnet.attn_heads)}, ffn {list(subnet.ffn)}: {what}", flush=True)
         return result
     return score

@@ -139,6 +139,7 @@ def test_problem_rows_mark_the_solution_and_eos():
         assert marked[-1] == tok.eos_id and tok.decode(marked[:-1]) == text[len(prompt):text.index("a: ")] + \
             text[text.index("a: "):].split("\n")[0]
         assert not rows["cut"][i]
+        assert int(rows["length"][i]) == int(rows["solution"][i].nonzero().max()) + 1  # through <eos>
     short = problem_rows(cfg, tok, 6, 24)  # 2-3-step problems take 35-96 tokens: every one is cut
     assert bool(short["cut"].all())
 
@@ -147,8 +148,12 @@ def test_exact_stats_count_problems_whose_every_solution_token_is_the_argmax():
     """Teacher-forced exact match: a problem counts only when the label is the argmax at every
     solution position (prompt positions do not matter), padding rows count as no problem, and the
     solution loss is the CE over solution tokens only."""
-    from elastic_megatron.parallel import ParallelLayout, destroy_distributed, init_distributed
     from elastic_megatron.config import load_config
+    from elastic_megatron.parallel import (
+        ParallelLayout,
+        destroy_distributed,
+        init_distributed,
+    )
     from elastic_megatron.train.deploy_score import _exact_stats
 
     init_distributed(ParallelLayout.resolve(load_config(None), 1), 0)
