@@ -32,7 +32,8 @@ Two measurements beside the demo's own numbers, both on the finished runs (nothi
                  checkpoint: the router's proposals per budget with their calibration losses and
                  whether the search would deploy another family than the run did (the run's
                  stage 2 trained the router's own); --deploy-metric picks the score (default auto:
-                 exact match on held-out problems). Cached in RUN/deploy_search_K_METRIC.json.
+                 exact match on held-out problems), --deploy-samples how many problems it scores
+                 (default 0: the metric's own). Cached in RUN/deploy_search_K_METRIC[_nN].json.
 """
 
 from __future__ import annotations
@@ -143,12 +144,13 @@ def paired(evals: dict[str, dict]) -> dict:
     return out
 
 
-def deploy_search(d: Path, k: int, metric: str = "auto") -> dict:
+def deploy_search(d: Path, k: int, metric: str = "auto", samples: int = 0) -> dict:
     """The run's stage-1 checkpoint, the router's k proposals per budget and their scores under
     `metric` (elastic.deploy_metric; train/deploy_score.deploy_scorer and
     elastic/deploy.deployed_family: what the frozen stage would compute), the family the search
-    picks, and whether the run recorded it."""
-    cache = d / f"deploy_search_{k}_{metric}.json"
+    picks, and whether the run recorded it. `samples`: elastic.deploy_calibration_samples (0: the
+    metric's default), to see whether a cheaper search picks the same family."""
+    cache = d / (f"deploy_search_{k}_{metric}.json" if not samples else f"deploy_search_{k}_{metric}_n{samples}.json")
     if cache.exists():
         return json.loads(cache.read_text())
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -175,7 +177,7 @@ def deploy_search(d: Path, k: int, metric: str = "auto") -> dict:
     cfg = load_config(str(d / "elastic" / "config.yaml"))
     # today's sample count (0: the metric's default), not the one the run's saved config recorded
     cfg = replace(cfg, elastic=replace(cfg.elastic, deploy_candidates=k, deploy_metric=metric,
-                                       deploy_calibration_samples=0))
+                                       deploy_calibration_samples=samples))
     layout = ParallelLayout.resolve(cfg, 1)
     init_distributed(layout, cfg.train.seed)
     try:
@@ -200,7 +202,7 @@ def deploy_search(d: Path, k: int, metric: str = "auto") -> dict:
             {"params": subnet_params(p, cfg.model, vocab), "dropped": [i for i, x in enumerate(p.keep) if not x],
              "subnet": p.to_dict(), "score": [round(x, 4) for x in sc]} for p, sc in zip(props, scores)],
             "router_first_wins": scores.index(min(scores)) == 0} for b, props, scores in record]
-        res = {"k": k, "metric": metric, "budgets": budgets, "same_family_as_run": [s.to_dict() for s in family] == recorded}
+        res = {"k": k, "metric": metric, "samples": samples, "budgets": budgets, "same_family_as_run": [s.to_dict() for s in family] == recorded}
     finally:
         destroy_distributed()
     cache.write_text(json.dumps(res))
@@ -223,7 +225,8 @@ def write_md(out: Path, s: dict) -> None:
                      f" full - parent {pr['full_minus_parent']:+.3f} (90 % {pr['full_minus_parent_90']})")
     for n, ds in s.get("deploy_search", {}).items():
         for b in ds["budgets"]:
-            lines.append(f"- {n} deploy search k={ds['k']} ({ds['metric']}), {b['budget']}: " + "; ".join(
+            lines.append(f"- {n} deploy search k={ds['k']} ({ds['metric']}"
+                         + (f", {ds['samples']} samples" if ds.get("samples") else "") + f"), {b['budget']}: " + "; ".join(
                 f"{p['params']:,} dropped {p['dropped']} " + (f"missed {p['score'][0]}, solution loss {p['score'][1]:.4f}"
                 if ds["metric"] != "loss" else f"loss {p['score'][1]:.4f}") for p in b["proposals"]) +
                 (" (router's first wins)" if b["router_first_wins"] else " (another proposal wins)"))
@@ -255,8 +258,10 @@ def main(argv=None) -> int:
     p.add_argument("--add", action="append", default=[], help="NAME=DIR: a finished demo dir to use as run NAME")
     p.add_argument("--eval-short", type=int, default=0, help="also evaluate every run on N short problems, paired")
     p.add_argument("--deploy-search", type=int, default=0, help="replay the deploy search with K proposals")
-    p.add_argument("--deploy-metric", default="auto", choices=("auto", "exact", "loss"),
+    p.add_argument("--deploy-metric", default="auto", choices=("auto", "exact", "solution", "loss"),
                    help="what --deploy-search scores the proposals on (elastic.deploy_metric)")
+    p.add_argument("--deploy-samples", type=int, default=0,
+                   help="problems (or sequences) --deploy-search scores on (elastic.deploy_calibration_samples; 0: default)")
     p.add_argument("--variant", default="", help="TAG: rerun the elastic part of every run with --set, on the "
                    "run's own trained parent, as run NAME_TAG (compared with NAME paired on the same problems)")
     p.add_argument("--set", action="append", default=[], help="a demo override for --variant, e.g. "
@@ -295,7 +300,8 @@ def main(argv=None) -> int:
         evals = {n: reevaluate(dirs[n], a.eval_short) for n in reports}
         s["paired"] = paired(evals)
     if a.deploy_search > 1:
-        s["deploy_search"] = {n: deploy_search(dirs[n], a.deploy_search, a.deploy_metric) for n in reports}
+        s["deploy_search"] = {n: deploy_search(dirs[n], a.deploy_search, a.deploy_metric, a.deploy_samples)
+                              for n in reports}
     done = {n: d for n, d in variants.items() if (d / "report.json").exists() and n in reports}
     if done:
         v = summarize({n: json.loads((d / "report.json").read_text()) for n, d in done.items()})

@@ -9,6 +9,9 @@ per proposed subnet and deploys the best one. This module builds that score, on 
                      solution and <eos>, which is exactly "greedy decoding writes the reference
                      solution". Score (problems missed, mean solution-token loss): fewest misses
                      first, the loss breaks ties.
+    metric = solution  the same held-out problems, scored by their mean solution-token loss first
+                     (rounded to 1e-3, so float rounding across layouts cannot flip a choice),
+                     then problems missed.
     metric = loss    the mean next-token loss on validation sequences of the stage's data (any
                      data source; packed sequences, prompts included).
 
@@ -123,16 +126,27 @@ def deploy_metric(cfg: RunConfig) -> str:
     return m if m != "auto" else ("exact" if cfg.data.source == "synthetic" else "loss")
 
 
+def score_tuple(metric: str, problems: float, right: float, loss: float) -> tuple:
+    """The comparable score of one proposal (lower is better) from its all-reduced sums."""
+    missed = round(problems - right)
+    if metric == "exact":
+        return (missed, loss)
+    if metric == "solution":
+        # rounded: a 1e-7 difference from another layout's summation order cannot flip a choice
+        return (round(loss, 3), missed, loss)
+    return (0, loss)
+
+
 def deploy_scorer(s_view, model, cfg: RunConfig, stage_cfg: RunConfig, tok, mbs: int, vocab: int):
     """subnet -> score (lower is better; a tuple, compared in order) for `deployed_family`, the same
     on every rank. `model`: what megatron's schedule gets (the DDP-wrapped student); `stage_cfg`:
     the first frozen stage's config (its data range and sequence length); `mbs`: its micro-batch
     size; `vocab`: the padded vocabulary (for the logged parameter counts)."""
     e, seq, metric = cfg.elastic, stage_cfg.data.seq_length, deploy_metric(cfg)
-    n = e.deploy_calibration_samples or (128 if metric == "exact" else 16)
+    n = e.deploy_calibration_samples or (16 if metric == "loss" else 64)
     dp, rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
     step = 8 * ps.get_tensor_model_parallel_world_size()  # row lengths: multiples of this (sequence parallel)
-    if metric == "exact":
+    if metric in ("exact", "solution"):
         rows = problem_rows(stage_cfg, tok, n, seq)
         # longest first, dealt out to the DP ranks in turn: each micro-batch holds problems of
         # similar length, and every rank a similar share of the work
@@ -168,7 +182,7 @@ def deploy_scorer(s_view, model, cfg: RunConfig, stage_cfg: RunConfig, tok, mbs:
         micro.append({k: v[i * mbs:(i + 1) * mbs, :width] if v.dim() == 2 else v[i * mbs:(i + 1) * mbs]
                       for k, v in mine.items()})
     seq = cut(longest)
-    stats_fn = _exact_stats if metric == "exact" else _loss_stats
+    stats_fn = _loss_stats if metric == "loss" else _exact_stats
 
     def score(subnet):
         with torch.no_grad():
@@ -181,10 +195,10 @@ def deploy_scorer(s_view, model, cfg: RunConfig, stage_cfg: RunConfig, tok, mbs:
         dist.all_reduce(sums, group=ps.get_data_parallel_group())  # every DP rank's problems
         problems, right, ce, tokens = sums.tolist()
         loss = ce / max(tokens, 1.0)
-        result = (round(problems - right), loss) if metric == "exact" else (0, loss)
+        result = score_tuple(metric, problems, right, loss)
         if dist.get_rank() == 0:  # the evidence for the choice: every proposal and its score
             dropped = [i for i, k in enumerate(subnet.keep) if not k]
-            what = (f"exact {right:.0f}/{problems:.0f}, solution loss {loss:.4f}" if metric == "exact"
+            what = (f"exact {right:.0f}/{problems:.0f}, solution loss {loss:.4f}" if metric != "loss"
                     else f"calibration loss {loss:.4f}")
             print(f"[deploy] proposal {subnet_params(subnet, cfg.model, vocab):,} params, dropped layers {dropped},"
                   f" hidden {subnet.hidden}, mamba heads {list(subnet.mamba_heads)}, head dim {list(subnet.mamba_head_dim)}, attn heads"

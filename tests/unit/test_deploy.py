@@ -112,6 +112,8 @@ def test_deploy_candidates_is_validated():
     # exact match needs problems with reference solutions: the synthetic corpus
     with pytest.raises(ConfigError, match="elastic.deploy_metric.*synthetic"):
         load_config(None, ["elastic.deploy_metric=exact", "data.source=indexed", "data.paths=[/x]"])
+    with pytest.raises(ConfigError, match="elastic.deploy_metric.*synthetic"):
+        load_config(None, ["elastic.deploy_metric=solution", "data.source=indexed", "data.paths=[/x]"])
     # the search scores on every layout now (train/deploy_score.py): pipeline runs are not refused
     assert load_config(None, ["elastic.deploy_candidates=4", "parallel.pipeline=2"]).elastic.deploy_candidates == 4
 
@@ -203,3 +205,16 @@ def test_candidates_also_move_an_axis_above_the_router_choice(seed):
             assert up in cands
             raised += 1
     assert raised, "no axis could be raised: the test checks nothing"
+
+
+def test_score_tuple_orders_proposals_by_the_chosen_metric():
+    from elastic_megatron.train.deploy_score import score_tuple
+
+    # (problems, right, solution loss): a has more right, b the lower loss
+    a, b = (64, 20, 0.30), (64, 18, 0.25)
+    assert score_tuple("exact", *a) < score_tuple("exact", *b)  # fewest misses first
+    assert score_tuple("solution", *b) < score_tuple("solution", *a)  # lowest solution loss first
+    # solution: losses equal to 1e-3 fall back to misses (so summation order cannot flip a choice)
+    assert score_tuple("solution", 64, 20, 0.30004) < score_tuple("solution", 64, 18, 0.30001)
+    assert score_tuple("exact", 64, 20, 0.31) < score_tuple("exact", 64, 20, 0.32)  # ties: loss
+    assert score_tuple("loss", *b) < score_tuple("loss", *a)
