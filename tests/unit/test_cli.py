@@ -258,6 +258,7 @@ def test_demo_writes_a_nested_evaluated_family(tmp_path):
     # the zero-shot homogeneous baseline of each smaller budget, in the report
     base = saved["homogeneous_baseline"]
     assert [r["name"] for r in base] == ["0.75", "0.5"] and all("accuracy_short_se" in r for r in base)
+    assert [(r["n_short"], r["n_long"]) for r in base] == [(1, 1), (1, 1)]  # a quarter, rounded up, of 4 / 2
     assert abs(base[1]["params"] / params[2] - 1) < 0.05
     assert "baseline 0.5: homogeneous prune, no training" in (out / "report.md").read_text()
     sv = saved["serving"]  # one engine serving every budget: memory, decode speed, budget schedule
