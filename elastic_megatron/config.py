@@ -211,7 +211,8 @@ class ElasticConfig:
     # checkpoint records that family, so slice / export-hf / generate cut the same one. Scoring runs
     # on every layout (train/deploy_score.py). 1 = the router's subnet only. Default 13: measured on
     # the demo over three seeds (issue 23, docs/results.md), the full and 0.75 budgets gain and the
-    # 0.5 one holds; the search costs 26 forward passes over the samples (30-38 s of the demo on 2 cores).
+    # 0.5 one holds; the search costs 26 forward passes over the samples (14 s of the demo on 2 cores
+    # at the default 64 problems, 30-38 s at 128).
     deploy_candidates: int = 13
     # What scores a proposal: exact = teacher-forced exact match on held-out problems of the stage's
     # step range (the synthetic corpus only: "greedy decoding writes the reference solution", one

@@ -10,8 +10,8 @@ per proposed subnet and deploys the best one. This module builds that score, on 
                      solution". Score (problems missed, mean solution-token loss): fewest misses
                      first, the loss breaks ties.
     metric = solution  the same held-out problems, scored by their mean solution-token loss first
-                     (rounded to 1e-3, so float rounding across layouts cannot flip a choice),
-                     then problems missed.
+                     (rounded to 1e-3: two layouts' summation orders differ by ~1e-7, which
+                     changes a rounded value only at a rounding boundary), then problems missed.
     metric = loss    the mean next-token loss on validation sequences of the stage's data (any
                      data source; packed sequences, prompts included).
 
@@ -132,7 +132,7 @@ def score_tuple(metric: str, problems: float, right: float, loss: float) -> tupl
     if metric == "exact":
         return (missed, loss)
     if metric == "solution":
-        # rounded: a 1e-7 difference from another layout's summation order cannot flip a choice
+        # rounded: another layout's summation order (~1e-7 apart) moves it only at a rounding boundary
         return (round(loss, 3), missed, loss)
     return (0, loss)
 

@@ -214,7 +214,7 @@ def test_score_tuple_orders_proposals_by_the_chosen_metric():
     a, b = (64, 20, 0.30), (64, 18, 0.25)
     assert score_tuple("exact", *a) < score_tuple("exact", *b)  # fewest misses first
     assert score_tuple("solution", *b) < score_tuple("solution", *a)  # lowest solution loss first
-    # solution: losses equal to 1e-3 fall back to misses (so summation order cannot flip a choice)
+    # solution: losses equal to 1e-3 fall back to misses (summation-order noise is ~1e-7)
     assert score_tuple("solution", 64, 20, 0.30004) < score_tuple("solution", 64, 18, 0.30001)
     assert score_tuple("exact", 64, 20, 0.31) < score_tuple("exact", 64, 20, 0.32)  # ties: loss
     assert score_tuple("loss", *b) < score_tuple("loss", *a)
