@@ -5,7 +5,8 @@
 1. train the parent on the synthetic reasoning corpus: short problems (DIR/parent_short), then a
    length curriculum on a 2-6-step mix at 256 tokens (DIR/parent); each reused if already trained
 2. importance estimation and sorting (every budget becomes a prefix)
-3. elastic training: router + frozen-teacher KD, stage 1 (short, uniform budgets) then stage 2
+3. elastic training: router + frozen-teacher KD, stage 0 (short, uniform budgets, the router
+   learns), stage 1 (short, the deployed family weighted to the smallest, router frozen), stage 2
    (the 2-6-step mix at 256 tokens, weighted to the largest model, router frozen)
 4. the router picks a subnet for 100% / ~75% / ~50% of the parameters; the family is nested
 5. each subnet is sliced into a standalone checkpoint and evaluated: held-out loss and greedy
@@ -34,6 +35,7 @@ BUDGETS = ["1.0", "0.75", "0.5"]
 # the demo's time. (The library's STEP_RANGES["long"], 8-12 steps, is the paper-scale default
 # for stage 2; the demo's parent scored 0/64 on those and on 4-5 steps when it saw only 2-3.)
 SHORT_STEPS, LONG_STEPS = (2, 3), (4, 6)
+SMALL_STEPS = 40  # curriculum.1, the frozen "small" stage (see demo_config)
 
 
 def _say(msg: str) -> None:
@@ -41,17 +43,26 @@ def _say(msg: str) -> None:
 
 
 def demo_config(out: Path, overrides: list[str]) -> RunConfig:
-    # Stage 2 is the long-context phase: 256 tokens and the parent's 2-6-step mix (long problems
-    # added, short ones kept, as a long-context phase keeps short data). Measured on 256 / 64
-    # problems, one seed: 4-6 steps only gave short 0.359 / 0.332 / 0.316, long 0.125 / 0.156 /
-    # 0.062; the mix 0.395 / 0.355 / 0.328, long 0.094 / 0.141 / 0.094 (docs/results.md).
+    # Three elastic stages, the library's two with a frozen short stage between them:
+    # 0 "short": 120 steps, short problems, uniform budgets, the router learns (soft masks);
+    # 1 "small": SMALL_STEPS steps, short problems, the deployed family trained sliced, weighted
+    #   0.2 / 0.2 / 0.6 to the smallest. The 0.5 model is the one short of training, and training it
+    #   after the deploy search does not move the search's pick, which longer or reweighted
+    #   router stages did (issue 23, docs/results.md, variants s1long, w1small, mid05);
+    # 2 "long": 40 steps, 256 tokens, the parent's 2-6-step mix (long problems added, short ones kept,
+    #   as a long-context phase keeps short data), weighted 0.5 / 0.3 / 0.2. Measured on 256 / 64
+    #   problems, one seed: 4-6 steps only gave short 0.359 / 0.332 / 0.316, long 0.125 / 0.156 /
+    #   0.062; the mix 0.395 / 0.355 / 0.328, long 0.094 / 0.141 / 0.094 (docs/results.md).
+    stages = [{"name": "short", "steps": 120},
+              {"name": "small", "steps": SMALL_STEPS, "budget_probs": [0.2, 0.2, 0.6], "router": "frozen"},
+              {"name": "long", "steps": 40, "seq_length": 256, "global_batch_size": 16, "micro_batch_size": 8,
+               "budget_probs": [0.5, 0.3, 0.2], "min_steps": SHORT_STEPS[0], "max_steps": LONG_STEPS[1],
+               "router": "frozen"}]
     base = [f"logging.out_dir={out}", "logging.wandb_mode=offline", "train.steps=500", "train.eval_interval=250",
             "train.lr=3e-3", "train.warmup_steps=20", f"data.min_steps={SHORT_STEPS[0]}",
             f"data.max_steps={SHORT_STEPS[1]}", "data.seq_length=128",
             f"elastic.budgets={json.dumps(BUDGETS)}", "elastic.importance_batches=4",
-            "curriculum.0.steps=120", "curriculum.1.steps=40", "curriculum.1.seq_length=256",
-            "curriculum.1.global_batch_size=16", "curriculum.1.micro_batch_size=8",
-            f"curriculum.1.min_steps={SHORT_STEPS[0]}", f"curriculum.1.max_steps={LONG_STEPS[1]}"]
+            f"curriculum={json.dumps(stages)}"]
     return load_config(None, base + list(overrides))
 
 
@@ -109,7 +120,8 @@ def run_demo(out_dir: str, overrides: list[str] | None = None, n_short: int = 25
     timings["importance_s"] = time.time() - t0 - sum(timings.values())
 
     # 3. elastic training
-    _say("3/6 elastic training: stage 1 (short, uniform budgets), stage 2 (long, weighted, router frozen)")
+    _say("3/6 elastic training: short (uniform budgets, the router learns), small (the deployed family, "
+         "weighted to the smallest), long (2-6-step mix, weighted to the largest)")
     el_cfg = load_config(imp["config"])
     # Elastic training starts from a trained parent: a sixth of the parent's peak LR keeps the full
     # model close to what it learned while the smaller budgets adapt (measured on 256 problems, one
@@ -319,8 +331,9 @@ def _write_report(out: Path, report: dict) -> None:
     lines += ["", f"Accuracy: greedy exact match on {n_s} short ({SHORT_STEPS[0]}-{SHORT_STEPS[1]} steps) and "
               f"{n_l} long ({LONG_STEPS[0]}-{LONG_STEPS[1]} steps, twice the tokens) held-out problems, ± the "
               "binomial standard error sqrt(p(1-p)/n); exact match by chance is ~0. The parent saw short "
-              "problems, then a 2-6-step mix at 256 tokens (length curriculum); elastic stage 1 is short "
-              "problems only, stage 2 the 2-6-step mix. The baseline rows are the sorted parent pruned to a "
+              "problems, then a 2-6-step mix at 256 tokens (length curriculum); elastic training is short "
+              "problems with uniform budgets (the router learns), short problems with the deployed family "
+              "weighted to the smallest, then the 2-6-step mix. The baseline rows are the sorted parent pruned to a "
               "homogeneous architecture of the same size without training (distilled: docs/results.md, ablation a).",
               "", f"Nested (checked in code): {report['nested']}.",
               f"Wall time: {report['total_s']:.0f} s ({report['timings_s']}).", "",

@@ -223,8 +223,9 @@ def test_prepare_data(tmp_path, tokenizer):
 
 # ----------------------------------------------------------------------------- demo
 
-TOY = ["train.steps=4", "curriculum.0.steps=2", "curriculum.1.steps=2", "curriculum.1.seq_length=192",
-       "curriculum.1.global_batch_size=4", "curriculum.1.micro_batch_size=2", "logging.progress=false",
+TOY = ["train.steps=4", "curriculum.0.steps=2", "curriculum.1.steps=2", "curriculum.1.global_batch_size=4",
+       "curriculum.1.micro_batch_size=2", "curriculum.2.steps=2", "curriculum.2.seq_length=192",
+       "curriculum.2.global_batch_size=4", "curriculum.2.micro_batch_size=2", "logging.progress=false",
        "logging.wandb_mode=disabled"]
 
 
@@ -254,6 +255,12 @@ def test_demo_writes_a_nested_evaluated_family(tmp_path):
     assert (short.data.seq_length, short.data.max_steps, short.train.steps) == (128, 3, 4)
     assert (long.data.seq_length, long.data.min_steps, long.data.max_steps, long.train.steps) == (256, 2, 6, 1)
     assert long.checkpoint.load.startswith(str(out / "parent_short" / "checkpoints"))
+    # elastic: the router's stage, then the deployed family weighted to the smallest, then the long mix
+    el = load_config(str(out / "elastic" / "config.yaml"))
+    assert [(s.name, s.router, s.budget_probs) for s in el.curriculum] == [
+        ("short", "learn", []), ("small", "frozen", [0.2, 0.2, 0.6]), ("long", "frozen", [0.5, 0.3, 0.2])]
+    stages = [json.loads(x).get("stage") for x in (out / "elastic" / "metrics.jsonl").read_text().splitlines()]
+    assert [s for s in stages if s] == ["short"] * 2 + ["small"] * 2 + ["long"] * 2
     assert saved["parent_before_elastic"]["n_long"] == 2
     # the zero-shot homogeneous baseline of each smaller budget, in the report
     base = saved["homogeneous_baseline"]
