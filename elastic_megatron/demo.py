@@ -46,9 +46,11 @@ def demo_config(out: Path, overrides: list[str]) -> RunConfig:
     # Three elastic stages, the library's two with a frozen short stage between them:
     # 0 "short": 120 steps, short problems, uniform budgets, the router learns (soft masks);
     # 1 "small": SMALL_STEPS steps, short problems, the deployed family trained sliced, weighted
-    #   0.2 / 0.2 / 0.6 to the smallest. The 0.5 model is the one short of training, and training it
-    #   after the deploy search does not move the search's pick, which longer or reweighted
-    #   router stages did (issue 23, docs/results.md, variants s1long, w1small, mid05);
+    #   0.2 / 0.2 / 0.6 to the smallest. The 0.5 model is the one short of training; more router
+    #   steps for it also moved the search's pick, and the pick moved it by up to 0.13 (variants
+    #   s1long, w1small), while training after the search trains whichever subnet ships. Over three
+    #   seeds: 0.5 / full 0.921, 0.966, 0.952 on 1,024 problems (was 0.891, 0.931, 0.789), but the
+    #   full model's long accuracy fell 0.05-0.07 in two (issue 23, docs/results.md, session 13);
     # 2 "long": 40 steps, 256 tokens, the parent's 2-6-step mix (long problems added, short ones kept,
     #   as a long-context phase keeps short data), weighted 0.5 / 0.3 / 0.2. Measured on 256 / 64
     #   problems, one seed: 4-6 steps only gave short 0.359 / 0.332 / 0.316, long 0.125 / 0.156 /
