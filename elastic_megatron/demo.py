@@ -35,7 +35,6 @@ BUDGETS = ["1.0", "0.75", "0.5"]
 # the demo's time. (The library's STEP_RANGES["long"], 8-12 steps, is the paper-scale default
 # for stage 2; the demo's parent scored 0/64 on those and on 4-5 steps when it saw only 2-3.)
 SHORT_STEPS, LONG_STEPS = (2, 3), (4, 6)
-SMALL_STEPS = 40  # curriculum.1, the frozen "small" stage (see demo_config)
 
 
 def _say(msg: str) -> None:
@@ -45,7 +44,7 @@ def _say(msg: str) -> None:
 def demo_config(out: Path, overrides: list[str]) -> RunConfig:
     # Three elastic stages, the library's two with a frozen short stage between them:
     # 0 "short": 120 steps, short problems, uniform budgets, the router learns (soft masks);
-    # 1 "small": SMALL_STEPS steps, short problems, the deployed family trained sliced, weighted
+    # 1 "small": 40 steps, short problems, the deployed family trained sliced, weighted
     #   0.2 / 0.2 / 0.6 to the smallest. The 0.5 model is the one short of training; more router
     #   steps for it also moved the search's pick, and the pick moved it by up to 0.13 (variants
     #   s1long, w1small), while training after the search trains whichever subnet ships. Over three
@@ -56,7 +55,7 @@ def demo_config(out: Path, overrides: list[str]) -> RunConfig:
     #   problems, one seed: 4-6 steps only gave short 0.359 / 0.332 / 0.316, long 0.125 / 0.156 /
     #   0.062; the mix 0.395 / 0.355 / 0.328, long 0.094 / 0.141 / 0.094 (docs/results.md).
     stages = [{"name": "short", "steps": 120},
-              {"name": "small", "steps": SMALL_STEPS, "budget_probs": [0.2, 0.2, 0.6], "router": "frozen"},
+              {"name": "small", "steps": 40, "budget_probs": [0.2, 0.2, 0.6], "router": "frozen"},
               {"name": "long", "steps": 40, "seq_length": 256, "global_batch_size": 16, "micro_batch_size": 8,
                "budget_probs": [0.5, 0.3, 0.2], "min_steps": SHORT_STEPS[0], "max_steps": LONG_STEPS[1],
                "router": "frozen"}]
