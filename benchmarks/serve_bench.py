@@ -18,7 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
+import re
 import subprocess
 import sys
 import time
@@ -73,14 +73,17 @@ def concurrency(checkpoint: str, n_requests: int, clients: int, seed: int) -> di
     from elastic_megatron.data.synthetic import heldout_problems
     from elastic_megatron.demo import SHORT_STEPS
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     env = {k: v for k, v in os.environ.items() if k not in ("MASTER_PORT", "RANK", "WORLD_SIZE")}
+    # --port 0: the server binds a port the OS picks and prints it, so nothing can take it in between
     proc = subprocess.Popen([sys.executable, "-m", "elastic_megatron.cli", "serve", "--checkpoint", checkpoint,
-                             "--port", str(port)], cwd=REPO, env={**env, "PYTHONPATH": str(REPO)},
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
+                             "--port", "0"], cwd=REPO, env={**env, "PYTHONPATH": str(REPO)},
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    line = proc.stdout.readline()
+    found = re.search(r" on (http://\S+)/v1$", line.strip())
+    if not found:
+        proc.kill()
+        raise SystemExit(f"the server did not start: {line.strip() or proc.communicate()[0]}")
+    url = found.group(1)
     try:
         for _ in range(600):
             try:

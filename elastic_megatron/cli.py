@@ -271,7 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "always served")
     p.add_argument("--router", default="", help="a saved router (torch.save'd RouterSet)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
-    p.add_argument("--port", type=int, default=8000, help="TCP port")
+    p.add_argument("--port", type=int, default=8000, help="TCP port (0: any free one, printed at start)")
     p.add_argument("--answer-switch", default="a:", help="the text where a budget_schedule request switches from "
                                                          "its think budget to its answer budget (default: the "
                                                          "demo corpus's answer line)")

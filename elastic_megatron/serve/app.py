@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import queue
+import socket
 import time
 import uuid
 from typing import Iterator, Optional
@@ -265,14 +266,36 @@ def _stream(server: Server, body: dict, req: Request, schedule, chat: bool, rid:
     yield "data: [DONE]\n\n"
 
 
+def bind(host: str, port: int) -> socket.socket:
+    """The listening address, taken before the slow load: a port in use fails in a second with one
+    line, and port 0 lets the OS pick a free one with no window for another process to take it
+    (picking a free port, closing it and binding again later is a race)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # restart at once after a stop, as uvicorn does
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        from ..config import ConfigError
+
+        raise ConfigError(f"cannot listen on {host}:{port} ({exc.strerror}): pass another --port, "
+                          "or --port 0 for any free one") from None
+    return sock
+
+
 def serve(cfg, budgets: list[str], host: str, port: int, router_path: str = "", answer_switch: str = "a:") -> None:
     """Load once, say what is served, then answer until stopped (Ctrl-C / SIGTERM)."""
     import sys
 
     import uvicorn
 
+    sock = bind(host, port)
+    port = sock.getsockname()[1]  # the real one when --port 0
     engine = Engine.load(cfg, budgets, router_path)
     ids = ", ".join(f"{b.id} ({'/'.join(b.aliases)}, {b.params:,} parameters)" for b in engine.budgets)
-    print(f"serving {ids} on http://{host}:{port}/v1", flush=True)
+    shown = f"[{host}]" if ":" in host else host
+    print(f"serving {ids} on http://{shown}:{port}/v1", flush=True)
     sys.stdout.flush()
-    uvicorn.run(build_app(engine, answer_switch), host=host, port=port, log_level="warning")
+    config = uvicorn.Config(build_app(engine, answer_switch), log_level="warning")
+    uvicorn.Server(config).run(sockets=[sock])  # listen() happens here: no client connects before the load

@@ -13,6 +13,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -84,6 +85,18 @@ def ws(tmp_path_factory) -> Path:
 
 def _sorted(ws: Path) -> str:
     return str(ws / "imp" / "sorted")
+
+
+_HELD: list[socket.socket] = []
+
+
+def _busy_port() -> str:
+    """A port another listener holds for the whole module."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen()
+    _HELD.append(sock)
+    return str(sock.getsockname()[1])
 
 
 CASES = [
@@ -214,6 +227,11 @@ CASES = [
     Case("hf", "import-hf: truncated safetensors",
          lambda ws: ["import-hf", str(ws / "hf_truncated"), "--out", str(ws / "imp_hf_f"), "model.backend=local"],
          ("model.safetensors",), outputs=lambda ws: [ws / "imp_hf_f"]),
+    # ---- serving: the address is taken before the slow load, so these fail in about a second
+    Case("serve", "serve: port already in use",
+         lambda ws: ["serve", "--checkpoint", _sorted(ws), "--port", _busy_port()], ("--port", "in use")),
+    Case("serve", "serve: port out of range",
+         lambda ws: ["serve", "--checkpoint", _sorted(ws), "--port", "70000"], ("--port 70000",)),
 ]
 
 MEASURED: list[tuple[Case, str, int]] = []

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -38,24 +37,37 @@ def run_dir(tmp_path_factory):
     return root / "elastic"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _served_url(proc: subprocess.Popen, timeout: float = 180) -> str:
+    """The address from the server's first line (`--port 0`: the OS picks the port while the server
+    binds it, so no other process can take it in between, as a port picked here and freed could)."""
+    import queue
+    import re
+    import threading
+
+    lines: queue.Queue = queue.Queue()
+    threading.Thread(target=lambda: lines.put(proc.stdout.readline()), daemon=True).start()
+    try:
+        line = lines.get(timeout=timeout)
+    except queue.Empty:
+        proc.kill()
+        raise AssertionError("the server said nothing in time") from None
+    found = re.search(r" on (http://\S+)/v1$", line.strip())
+    assert found, (line, proc.communicate())
+    return found.group(1)
 
 
 @pytest.fixture(scope="module")
 def server(run_dir):
-    port = _free_port()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     env = {k: v for k, v in env.items() if k not in ("MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")}
     from tests.unit.test_cli import console_script
 
-    # the console script a user types, on a free port
-    proc = subprocess.Popen([console_script(), "serve", "--checkpoint", str(run_dir), "--port", str(port)], cwd=REPO,
+    # the console script a user types, on a port the OS picks
+    proc = subprocess.Popen([console_script(), "serve", "--checkpoint", str(run_dir), "--port", "0"], cwd=REPO,
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 180
+    url = _served_url(proc)
+    assert not url.endswith(":0")
+    deadline = time.monotonic() + 60
     while True:
         assert proc.poll() is None, proc.communicate()
         try:
