@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from .compat import native
 from .config import RunConfig, load_config
 
 BUDGETS = ["1.0", "0.75", "0.5"]
@@ -277,7 +278,8 @@ def evaluate_model(model_dir: str, n_short: int, n_long: int, seed: int, outcome
         for i in range(0, 32, 8):
             b = {k: torch.stack([ds[j][k] for j in range(i, i + 8)]) for k in ("tokens", "labels", "loss_mask",
                                                                                 "position_ids")}
-            per_tok = model(b["tokens"], b["position_ids"], None, labels=b["labels"])
+            with native():  # CPU tensors only: without the CPU device remap
+                per_tok = model(b["tokens"], b["position_ids"], None, labels=b["labels"])
             losses.append(float((per_tok * b["loss_mask"]).sum() / b["loss_mask"].sum()))
         acc = {}
         for split, n, (lo, hi), max_new in (("short", n_short, SHORT_STEPS, 120), ("long", n_long, LONG_STEPS, 200)):

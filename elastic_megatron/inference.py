@@ -24,6 +24,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .compat import native
 from .elastic.model import group_rms_norm, rms_norm
 from .model.hybrid import squared_relu
 from .model.weights import pre_norm_weight
@@ -137,6 +138,11 @@ def greedy_generate(model, tok, prompts: list[str], max_new: int, pattern: str, 
 def greedy_ids(model, tok, prompts: list[str], max_new: int, pattern: str, eps: float,
                batch: int = 64, vocab_limit: int | None = None) -> list[list[int]]:
     """The generated ids of greedy_generate (the final <eos> included when one is generated)."""
+    with native():  # decoding is all CPU-tensor work here: without the CPU device remap (20 % of a step)
+        return _greedy_ids(model, tok, prompts, max_new, pattern, eps, batch, vocab_limit)
+
+
+def _greedy_ids(model, tok, prompts, max_new, pattern, eps, batch, vocab_limit) -> list[list[int]]:
     out = []
     for start in range(0, len(prompts), batch):
         ids = [[tok.bos_id] + tok.encode(p) for p in prompts[start:start + batch]]

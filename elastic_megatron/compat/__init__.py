@@ -3,7 +3,8 @@
 `install()` is idempotent and is called by the process entry points (training, tests, tools) before
 any model is built. On a CUDA machine with the GPU kernels installed it changes nothing.
 
-- `cpu`: megatron's model-parallel RNG tracker and its hard-coded `cuda` device calls (no CUDA only).
+- `cpu`: megatron's model-parallel RNG tracker and its hard-coded `cuda` device calls (no CUDA only);
+  `native()` leaves the device remap out of the hot loops.
 - `backends`: the backend ladder (te -> triton -> torch), probed once per process.
 - `mamba`: which Mamba kernels megatron's mixer runs (mamba-ssm's Triton ones, or the pure-PyTorch
   ones of `mamba_kernels`), plus the local (non-Transformer-Engine) norm for MambaStack.
@@ -25,6 +26,14 @@ def replay_context():
     from . import cpu
 
     return cpu.replay_mode()
+
+
+def native():
+    """Context for hot code whose tensors are all on the CPU already: runs it without the CPU device
+    remap (cpu.native; a no-op on CUDA)."""
+    from . import cpu
+
+    return cpu.native()
 
 
 def install() -> None:

@@ -11,6 +11,14 @@ megatron-core 0.16.1 assumes a GPU in two ways (see shared/docs/megatron_cpu_not
    megatron; instead one TorchFunctionMode rewrites cuda devices to cpu and answers `.type()` with
    the cuda spelling. It is entered once per process, only when CUDA is unavailable.
 
+The mode costs a Python call per torch op: 4 % of a training step and 20 % of a one-token decode
+step of the demo's model (measured, docs/performance.md). So the hot paths run without it
+(`native()`): a micro-batch's forward and backward inside megatron's schedule, and the decode and
+evaluation loops. They create no cuda tensors once megatron's one forward-path `device="cuda"`
+(the causal mask of its local softmax) is replaced; should a new one appear, it fails loudly
+("Torch not compiled with CUDA enabled"), never silently. Set-up, the schedule itself, the
+optimizer and checkpointing keep the mode.
+
 Caveat: torch function modes are thread-local. Threads that megatron spawns (async checkpoint
 saving) would bypass the mode, so the training loop saves synchronously on CPU.
 """
@@ -89,6 +97,26 @@ def _install_rng_tracker() -> None:
     mrandom._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
 
 
+def _cpu_causal_mask(sq: int) -> torch.Tensor:
+    """megatron.core.transformer.utils.get_default_causal_mask on the CPU: True above the diagonal."""
+    return torch.triu(torch.ones(sq, sq), diagonal=1).bool()
+
+
+def _install_native_paths() -> None:
+    """The megatron pieces a micro-batch runs, made to work without the mode (see native())."""
+    from megatron.core.fusions import fused_softmax
+    from megatron.core.pipeline_parallel import schedules
+
+    fused_softmax.get_default_causal_mask = _cpu_causal_mask  # imported there by name
+    backward_step = schedules.backward_step
+
+    def native_backward_step(*args, **kwargs):
+        with native():
+            return backward_step(*args, **kwargs)
+
+    schedules.backward_step = native_backward_step  # every schedule calls it by module global
+
+
 def install() -> None:
     """Enter the device-remap mode and install the CPU RNG tracker (idempotent)."""
     global _MODE
@@ -97,8 +125,22 @@ def install() -> None:
     torch.cuda.current_device = lambda: "cpu"  # plain Python functions: a mode cannot see them
     torch.cuda.synchronize = lambda *a, **k: None
     _install_rng_tracker()
+    _install_native_paths()
     _MODE = CudaToCpuMode()
     _MODE.__enter__()
+
+
+@contextlib.contextmanager
+def native():
+    """Torch without the device remap, for hot code whose tensors are all on the CPU already (a
+    micro-batch's forward and backward, decoding, evaluation). A no-op where the mode was never
+    installed (CUDA) or is not the innermost mode (e.g. a recomputation's replay_mode())."""
+    stack = torch.overrides._get_current_function_mode_stack()
+    if not stack or not isinstance(stack[-1], CudaToCpuMode):
+        yield
+        return
+    with torch.overrides._pop_mode_temporarily():
+        yield
 
 
 def replay_mode():

@@ -47,6 +47,7 @@ from megatron.core import parallel_state as ps
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.transformer.transformer_layer import TransformerLayer
 
+from ..compat import native
 from ..config import ModelConfig, RunConfig
 from ..parallel import ParallelLayout, stage_sizes
 from .subnet import layer_slots
@@ -174,7 +175,8 @@ def run_forward(model: torch.nn.Module, batches: list[dict], on_logits: Callable
     stage `on_logits(i, logits [b, s, V/TP])` sees micro-batch i's logits."""
     def step(data_iterator, mdl):
         i, batch = next(data_iterator)
-        out = mdl(batch["tokens"], batch["position_ids"], None)
+        with native():  # without the CPU device remap: the forward and its hooks are CPU tensors only
+            out = mdl(batch["tokens"], batch["position_ids"], None)
 
         def loss_func(logits):
             on_logits(i, logits.detach())

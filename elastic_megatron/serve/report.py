@@ -17,6 +17,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
+from ..compat import native
+
 
 def engine_memory(engine) -> dict:
     parent = sum(p.numel() * p.element_size() for p in engine.parent.parameters())
@@ -58,11 +60,13 @@ def decode_speed(cfg, batch: int = 8, steps: int = 32, rounds: int = 5) -> dict:
         by_name = {a: b for b in engine.budgets for a in b.aliases}
         tokens = torch.randint(4, 20, (steps, batch), device=engine.device)
         times = {n: ([], []) for n in exported}
-        for _ in range(rounds):
-            for name, (small, small_cfg) in exported.items():
-                times[name][0].append(_seconds(BudgetDecoder(engine.parent, engine.cfg, by_name[name]).step, tokens))
-                times[name][1].append(_seconds(CachedDecoder(small, small_cfg.model.hybrid_override_pattern,
-                                                             small_cfg.model.norm_epsilon).step, tokens))
+        with native():  # as the engine's worker thread runs (the CPU device remap is thread-local)
+            for _ in range(rounds):
+                for name, (small, small_cfg) in exported.items():
+                    times[name][0].append(_seconds(BudgetDecoder(engine.parent, engine.cfg, by_name[name]).step,
+                                                   tokens))
+                    times[name][1].append(_seconds(CachedDecoder(small, small_cfg.model.hybrid_override_pattern,
+                                                                 small_cfg.model.norm_epsilon).step, tokens))
         out = {}
         for name, (eng, exp) in times.items():
             e, x = sorted(eng)[len(eng) // 2], sorted(exp)[len(exp) // 2]

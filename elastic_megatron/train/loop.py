@@ -24,6 +24,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
+from ..compat import native
 from ..config import RunConfig, to_yaml
 from ..data.build import build_datasets
 from ..data.tokenizer import load_tokenizer
@@ -106,8 +107,13 @@ def run_schedule(model, forward_step, data_iter, n_micro: int, cfg: RunConfig, s
     if p2p_width != 1 and ps.get_pipeline_model_parallel_world_size() > 1:
         widen = lambda shapes: [(*sh[:-1], sh[-1] * p2p_width) for sh in shapes]  # noqa: E731
         extra["adjust_tensor_shapes_fn"] = lambda recv, send: (widen(recv), widen(send))
+
+    def native_forward_step(*args):  # the micro-batch's forward without the CPU device remap
+        with native():
+            return forward_step(*args)
+
     return get_forward_backward_func()(
-        forward_step_func=forward_step,
+        forward_step_func=native_forward_step,
         data_iterator=data_iter,
         model=[model],
         num_microbatches=n_micro,

@@ -302,13 +302,14 @@ def test_signal_mid_train_is_one_line(tmp_path, signum):
 def _normalize(text: str, ws: Path | None) -> str:
     text = text.replace(str(REPO), "<repo>")
     text = re.sub(r"/tmp/pytest-of-[^/]+/pytest-\d+/[^/\s']+?\d*/", "<tmp>/", text)
+    text = re.sub(r"127\.0\.0\.1:\d+", "127.0.0.1:<port>", text)  # a port the OS picked
     return text.replace("|", "\\|")
 
 
 def test_write_the_table_into_results(ws):
     """docs/results.md's bad-input table is regenerated from the cases measured above."""
     assert len(MEASURED) >= 30, f"only {len(MEASURED)} cases measured (run the whole file)"
-    order = {g: i for i, g in enumerate(["config", "checkpoint", "data", "budget", "hf", "signal"])}
+    order = {g: i for i, g in enumerate(["config", "checkpoint", "data", "budget", "hf", "serve", "signal"])}
     rows = sorted(MEASURED, key=lambda m: order[m[0].group])
     body = ["| # | input | case | message (one line on stderr) | exit |", "|---|---|---|---|---|"]
     for i, (case, line, rc) in enumerate(rows, 1):
