@@ -11,8 +11,8 @@ megatron-core 0.16.1 assumes a GPU in two ways (see shared/docs/megatron_cpu_not
    megatron; instead one TorchFunctionMode rewrites cuda devices to cpu and answers `.type()` with
    the cuda spelling. It is entered once per process, only when CUDA is unavailable.
 
-The mode costs a Python call per torch op: 4 % of a training step and 20 % of a one-token decode
-step of the demo's model (measured, docs/performance.md). So the hot paths run without it
+The mode costs a Python call per torch op: about 3 % of an optimizer step and 24 % of a decode step
+of the demo's model (benchmarks/remap_cost.py, docs/performance.md). So the hot paths run without it
 (`native()`): a micro-batch's forward and backward inside megatron's schedule, and the decode and
 evaluation loops. They create no cuda tensors once megatron's one forward-path `device="cuda"`
 (the causal mask of its local softmax) is replaced; should a new one appear, it fails loudly

@@ -1,7 +1,8 @@
 """The hot paths run without the CPU device remap, and only they (compat/cpu.py, `native()`).
 
 The remap (a TorchFunctionMode that turns megatron's `cuda` tensors into CPU ones) costs a Python
-call per torch op: on the demo's model 14 % of a parent training step and 20 % of a decode step. A
+call per torch op: on the demo's model about 3 % of an optimizer step and 24 % of a decode step
+(benchmarks/remap_cost.py). A
 micro-batch's forward and backward, decoding and the demo's evaluation leave it out; the schedule
 around them, the optimizer and checkpointing keep it. Checked here: where each piece runs with
 or without it, that `native()` really drops it (a `cuda` tensor then fails as on any CPU-only
