@@ -298,6 +298,19 @@ def _quiet_cpu_warnings() -> None:
         warnings.filterwarnings("ignore", message=f".*{text}.*")
 
 
+def _demo_thread_policy(command: str) -> None:
+    """The demo's OpenMP threads spin between parallel regions instead of going to sleep, unless
+    OMP_WAIT_POLICY is set. Its steps are many short ops (the tiny model; the sliced subnets more so),
+    and a worker that went to sleep between two of them comes back late: on an idle 2-core box the
+    same steps ran 0.89x as long in the parent and 0.77x in the sliced stage, with the same losses bit
+    for bit (benchmarks/cpu_threads.py, docs/performance.md). libgomp reads the variable once, when
+    torch loads it, hence here. Only the demo (a batch job for a box of its own): a spinning worker
+    takes a core from anything else running, and would take one from an idle `serve` for good. On a
+    box shared with other busy processes set OMP_WAIT_POLICY=PASSIVE (README)."""
+    if command == "demo":
+        os.environ.setdefault("OMP_WAIT_POLICY", "ACTIVE")
+
+
 def _rank() -> int:
     """This process's global rank: torchrun's RANK (set before any process group exists), else 0."""
     return int(os.environ.get("RANK", "0"))
@@ -336,8 +349,6 @@ def _exit_with_peers(code: int, timeout_s: float = 30.0) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .data.prepare import DataFormatError
-
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
     # argparse cannot take positionals on both sides of an option (import-hf DIR --out X a.b=1):
@@ -347,9 +358,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(bad)}")
     if rest:
         args.overrides = [*args.overrides, *rest]
+    _demo_thread_policy(args.command)  # before anything imports torch (and with it libgomp)
     if not args.verbose:
         _quiet_cpu_warnings()
     from .compat.backends import BackendUnavailable
+    from .data.prepare import DataFormatError
     from .train.preemption import Preempted
 
     try:

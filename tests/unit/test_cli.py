@@ -248,6 +248,7 @@ def test_demo_writes_a_nested_evaluated_family(tmp_path):
         assert r["heldout_loss"] > 0 and 0 <= r["accuracy_short"] <= 1 and 0 <= r["accuracy_long"] <= 1
     assert saved["total_s"] > 0 and set(saved["timings_s"]) == {"parent_s", "parent_eval_s", "importance_s",
                                                                 "elastic_s", "slice_eval_s", "export_s", "serve_s"}
+    assert 0 < saved["parent_median_step_s"] < saved["timings_s"]["parent_s"]  # the box's speed, from the metrics
     # the parent's length curriculum: short problems, then the 2-6-step mix at 256 tokens
     from elastic_megatron.config import load_config
 
@@ -478,3 +479,34 @@ def test_import_export_generate_through_the_console_script(tmp_path):
     assert "falling back" not in hf.stderr  # transformers' CPU-only notes hidden
 
 
+
+
+_POLICY_PROBE = """
+import json, os, sys
+from elastic_megatron import cli
+seen = {}
+def probe(command, _orig=cli._demo_thread_policy):
+    _orig(command)
+    seen.update(command=command, torch_loaded="torch" in sys.modules, policy=os.environ.get("OMP_WAIT_POLICY"))
+cli._demo_thread_policy = probe
+code = cli.main(sys.argv[1:])
+print(json.dumps({**seen, "exit": code}))
+"""
+
+
+@pytest.mark.parametrize("argv, preset, policy", [
+    (["demo", "--out", "OUT", "no_such.key=1"], None, "ACTIVE"),  # the demo: threads spin
+    (["demo", "--out", "OUT", "no_such.key=1"], "PASSIVE", "PASSIVE"),  # the user's choice wins
+    (["train", "no_such.key=1"], None, None),  # other jobs keep libgomp's default
+])
+def test_demo_thread_policy_is_set_before_torch_loads(tmp_path, argv, preset, policy):
+    """libgomp reads OMP_WAIT_POLICY once, when torch loads it: the CLI must set it before any
+    import of torch, for the demo only, and never over the user's own value."""
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    if preset:
+        env["OMP_WAIT_POLICY"] = preset
+    argv = [a.replace("OUT", str(tmp_path / "demo")) for a in argv]
+    done = subprocess.run([sys.executable, "-c", _POLICY_PROBE, *argv], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=300)
+    seen = json.loads(done.stdout.strip().splitlines()[-1])
+    assert seen == {"command": argv[0], "torch_loaded": False, "policy": policy, "exit": 2}, done.stderr[-2000:]
