@@ -300,10 +300,10 @@ def _quiet_cpu_warnings() -> None:
 
 def _demo_thread_policy(command: str) -> None:
     """The demo's OpenMP threads spin between parallel regions instead of going to sleep, unless
-    OMP_WAIT_POLICY is set. Its steps are many short ops (the tiny model; the sliced subnets more so),
-    and a worker that went to sleep between two of them comes back late: on an idle 2-core box the
-    same steps ran 0.89x as long in the parent and 0.77x in the sliced stage, with the same losses bit
-    for bit (benchmarks/cpu_threads.py, docs/performance.md). libgomp reads the variable once, when
+    OMP_WAIT_POLICY is set. A sliced subnet's step is many short ops, and a worker that went to sleep
+    between two of them comes back late: on an idle 2-core box the small stage's steps took 0.85x as
+    long, with the same losses bit for bit; the parent's (larger ops) 0.99x, within noise
+    (benchmarks/cpu_threads.py, docs/performance.md). libgomp reads the variable once, when
     torch loads it, hence here. Only the demo (a batch job for a box of its own): a spinning worker
     takes a core from anything else running, and would take one from an idle `serve` for good. On a
     box shared with other busy processes set OMP_WAIT_POLICY=PASSIVE (README)."""
