@@ -40,7 +40,6 @@ import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-TOKENS = 16 * 128  # per optimizer step in both jobs (the demo's short phase and small stage)
 
 
 def _run(ranks: int, threads: int, args: list[str], out: Path, wait: str | None = None) -> list[dict]:
@@ -56,7 +55,7 @@ def _run(ranks: int, threads: int, args: list[str], out: Path, wait: str | None 
     if done.returncode:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{done.stderr[-3000:]}")
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return [r for r in rows if r.get("tokens_per_s")]
+    return [r for r in rows if "step_s" in r]
 
 
 def _job(name: str, args: list[str], stage: str | None, cores: int, rounds: int, tmp: Path) -> dict:
@@ -68,7 +67,7 @@ def _job(name: str, args: list[str], stage: str | None, cores: int, rounds: int,
             rows = _run(ranks, threads, args, tmp / f"{name}_{way}", wait)
             losses[way] = [x["loss"] for x in rows]
             timed = [x for x in rows[2:] if stage is None or x.get("stage") == stage]
-            steps[way] += [TOKENS / x["tokens_per_s"] for x in timed]
+            steps[way] += [x["step_s"] for x in timed]
             print(f"[{name}] round {r + 1} {way}: median step {statistics.median(steps[way]):.3f} s",
                   file=sys.stderr, flush=True)
     med = {w: round(statistics.median(v), 4) for w, v in steps.items()}

@@ -20,6 +20,8 @@
 from __future__ import annotations
 
 import json
+import os
+import statistics
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -164,6 +166,7 @@ def run_demo(out_dir: str, overrides: list[str] | None = None, n_short: int = 25
     report = {"budgets": rows, "parent_before_elastic": parent_eval, "homogeneous_baseline": baseline,
               "timings_s": {k: round(v, 1) for k, v in timings.items()},
               "total_s": round(time.time() - t0, 1), "parent_median_step_s": _median_step(out / "parent_short"),
+              "cpu_threads": {"threads": torch.get_num_threads(), "wait_policy": os.environ.get("OMP_WAIT_POLICY", "")},
               "nested": _nested(rows), "chance_accuracy": "~0 (exact match)", "hf_export": hf, "serving": serving}
     _write_report(out, report)
     _say(f"done in {report['total_s']:.0f} s: {out / 'report.md'}")
@@ -186,11 +189,8 @@ def _median_step(run: Path) -> float:
     steps at 0.45 and 0.50 s on two days, and its 50-step medians moved 0.44-0.58 s in one run)."""
     if not (run / "metrics.jsonl").exists():
         return 0.0
-    steps = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    cfg = load_config(str(run / "config.yaml"))
-    tokens = cfg.train.global_batch_size * cfg.data.seq_length
-    times = sorted(tokens / r["tokens_per_s"] for r in steps if r.get("tokens_per_s"))
-    return round(times[len(times) // 2], 3) if times else 0.0
+    times = [r["step_s"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "step_s" in r]
+    return round(statistics.median(times), 3) if times else 0.0
 
 
 def _finished(cfg: RunConfig) -> bool:
@@ -353,7 +353,8 @@ def _write_report(out: Path, report: dict) -> None:
               "homogeneous architecture of the same size without training (distilled: docs/results.md, ablation a).",
               "", f"Nested (checked in code): {report['nested']}.",
               f"Wall time: {report['total_s']:.0f} s ({report['timings_s']}); the parent's median step took "
-              f"{report['parent_median_step_s']:.3f} s (this box's speed: compare two runs' times by it).", "",
+              f"{report['parent_median_step_s']:.3f} s (this box's speed: compare two runs' times by it), "
+              f"{report['cpu_threads']['threads']} threads, OMP_WAIT_POLICY={report['cpu_threads']['wait_policy'] or 'unset'}.", "",
               "![quality vs parameters](quality_vs_params.png)", ""]
     hf = report.get("hf_export")
     if hf:

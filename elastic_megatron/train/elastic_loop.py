@@ -236,8 +236,9 @@ def _elastic_train(cfg: RunConfig, layout: ParallelLayout, layer_order, guard: P
                 router_opt.step()
             ok, grad_norm, _ = optimizer.step()
             record = _reduce_metrics(outs, mine, decisions, names, cfg.model, vocab, model_device(student))
+            dt = time.perf_counter() - tic
             record.update(step=step + 1, stage=stage.name, lr=lr_at(step, sched_cfg), grad_norm=float(grad_norm or 0),
-                          tokens_per_s=gbs * seq / (time.perf_counter() - tic))
+                          step_s=dt, tokens_per_s=gbs * seq / dt)
             result.losses.append(record["loss"])
             logger.log(record)
             logger.progress(1, stage=stage.name, loss=record["loss"], budgets=record["budgets_seen"],

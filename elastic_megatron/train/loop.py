@@ -187,7 +187,7 @@ def _train(cfg: RunConfig, layout: ParallelLayout, guard: PreemptionGuard) -> Tr
         tokens_per_s = t.global_batch_size * seq / dt
         if (step + 1) % cfg.logging.log_interval == 0 or step + 1 == t.steps:
             logger.log({"step": step + 1, "loss": loss, "lr": lr, "grad_norm": float(grad_norm or 0.0),
-                        "tokens_per_s": tokens_per_s, "skipped": not ok})
+                        "step_s": dt, "tokens_per_s": tokens_per_s, "skipped": not ok})
         logger.progress(1, loss=loss, tok_s=round(tokens_per_s))
         if t.eval_interval and ((step + 1) % t.eval_interval == 0 or step + 1 == t.steps):
             logger.log({"step": step + 1, "heldout_loss": evaluate(ddp_model, valid_ds, cfg, layout)})

@@ -90,7 +90,7 @@ LAYOUTS = {
     "tp2_sp_kd": (1, ["parallel.tensor=2", SP, "train.recompute=full"], 2, "default_kd"),
 }
 TOL = 1e-5
-SKIP = {"time", "tokens_per_s"}  # wall clock
+SKIP = {"time", "step_s", "tokens_per_s"}  # wall clock
 RMS_OF_REACH, MAX_OF_REACH = 1e-3, 5e-2  # trained weights, per tensor (see the module docstring)
 
 

@@ -249,6 +249,8 @@ def test_demo_writes_a_nested_evaluated_family(tmp_path):
     assert saved["total_s"] > 0 and set(saved["timings_s"]) == {"parent_s", "parent_eval_s", "importance_s",
                                                                 "elastic_s", "slice_eval_s", "export_s", "serve_s"}
     assert 0 < saved["parent_median_step_s"] < saved["timings_s"]["parent_s"]  # the box's speed, from the metrics
+    # the console script's demo ran with spinning OpenMP threads (unless this environment chose a policy)
+    assert saved["cpu_threads"] == {"threads": 1, "wait_policy": os.environ.get("OMP_WAIT_POLICY", "ACTIVE")}
     # the parent's length curriculum: short problems, then the 2-6-step mix at 256 tokens
     from elastic_megatron.config import load_config
 
