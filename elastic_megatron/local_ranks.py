@@ -4,11 +4,12 @@ Why: on a CPU, one process with N intra-op threads leaves cores idle. Every op b
 size (~32k elements: norms, gates, the scan's small pieces) runs on one thread while the others wait,
 and the optimizer step and the Python between ops are serial. N processes with one thread each keep
 every core busy; megatron's DDP sums their micro-batches' gradients over gloo. On the idle 2-core box
-the demo's parent step took 0.84x as long on 2 ranks as on 2 threads (benchmarks/cpu_threads.py,
-docs/performance.md), with the same losses bit for bit: each rank runs one of the step's two
-micro-batches, and the all-reduce adds their gradients (a + b) as the one process accumulates them.
-Sliced (elastic) layers accumulate their weight gradient inside the GEMM (addmm), so an elastic
-run on ranks is equal only to rounding; the demo keeps those in one process.
+the demo's parent steps took 0.97x (short phase) and 0.90x (long phase) as long on 2 ranks as on 2
+threads (benchmarks/cpu_threads.py, docs/performance.md), with the same losses bit for bit: each
+rank runs one of the step's two micro-batches, and the all-reduce adds their gradients (a + b) as
+the one process accumulates them. Sliced (elastic) layers accumulate their weight gradient inside
+the GEMM (addmm), so an elastic run on ranks is equal only to rounding; the demo keeps those in one
+process.
 
 `local_ranks` decides how many; `run_on_local_ranks` runs a CLI job on them through torchrun, as a
 user would (`torchrun --standalone --nproc_per_node=2 -m elastic_megatron.cli train ...`).
@@ -17,6 +18,7 @@ user would (`torchrun --standalone --nproc_per_node=2 -m elastic_megatron.cli tr
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -41,27 +43,43 @@ def local_ranks(cfg: RunConfig, cores: int) -> int:
 
 def run_on_local_ranks(command: str, cfg: RunConfig, ranks: int, threads: int) -> None:
     """`elastic-megatron COMMAND --config <cfg as YAML>` on `ranks` local processes of `threads`
-    OpenMP threads each (torchrun --standalone: a free port, this machine only). Its output goes
-    to ours. A rank that fails raises here with torchrun's exit status; a run stopped by a signal
-    (preempted or interrupted, checkpointed at a step boundary) raises KeyboardInterrupt for SIGINT
-    and `Preempted` otherwise, as the same job run in this process would."""
+    OpenMP threads each (torchrun --standalone: a free port, this machine only); their output is
+    ours. Stopping it loses nothing, as for the job run in this process: SIGTERM / SIGUSR1 / Ctrl-C
+    here reach every rank once (torchrun passes its SIGTERM on), the ranks checkpoint the step they
+    finish and stop, and this raises `Preempted` (KeyboardInterrupt for Ctrl-C); a second Ctrl-C stops
+    them at once. torchrun runs in a session of its own so that a terminal's Ctrl-C, which goes to
+    the whole foreground group, reaches the ranks through it only, not twice. A rank that fails
+    raises ConfigError with torchrun's exit status (the rank's error is printed above it)."""
     from .config import ConfigError
     from .train.checkpoint import latest_checkpoint
-    from .train.preemption import Preempted
+    from .train.preemption import SIGNALS, Preempted
 
     with tempfile.TemporaryDirectory(prefix="elastic_megatron_ranks_") as tmp:
         path = Path(tmp) / "config.yaml"
         path.write_text(to_yaml(cfg))
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}",
                "-m", "elastic_megatron.cli", command, "--config", str(path)]
-        code = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": str(threads)}).returncode
-    if code == 0:
-        return
-    if code == 130:
-        raise KeyboardInterrupt
-    if code > 128:
+        proc = subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": str(threads)}, start_new_session=True)
+        got: list[int] = []
+
+        def forward(signum, frame):
+            if signum == signal.SIGINT and got == [signal.SIGINT]:
+                os.killpg(proc.pid, signal.SIGKILL)  # Ctrl-C twice: now (complete checkpoints stay)
+            elif not got:
+                proc.send_signal(signal.SIGTERM)  # torchrun handles SIGTERM (not USR1) and passes it on
+            got.append(signum)
+
+        previous = {s: signal.signal(s, forward) for s in SIGNALS}
+        try:
+            code = proc.wait()
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+    if got:
+        if got[0] == signal.SIGINT:
+            raise KeyboardInterrupt
         ckpt = latest_checkpoint(Path(cfg.checkpoint.dir or Path(cfg.logging.out_dir) / "checkpoints"))
-        step = int(ckpt.name.split("_")[-1]) if ckpt else 0
-        raise Preempted(code - 128, step, str(ckpt or ""))
-    raise ConfigError(f"`elastic-megatron {command}` on {ranks} local ranks failed with exit status {code} "
-                      "(its error is above)")
+        raise Preempted(got[0], int(ckpt.name.split("_")[-1]) if ckpt else 0, str(ckpt or "none"))
+    if code:
+        raise ConfigError(f"`elastic-megatron {command}` on {ranks} local ranks failed with exit status {code} "
+                          "(its error is above)")

@@ -32,8 +32,8 @@ def console_script() -> str:
     return found
 
 
-def em(*args: str, cwd: Path = REPO, timeout: int = 600) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+def em(*args: str, cwd: Path = REPO, timeout: int = 600, threads: int = 1) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     return subprocess.run([console_script(), *args], cwd=cwd, env=env, capture_output=True, text=True,
                           timeout=timeout)
 
@@ -234,7 +234,8 @@ def test_demo_writes_a_nested_evaluated_family(tmp_path):
     from elastic_megatron.elastic.subnet import Subnet
 
     out = tmp_path / "demo"
-    lines = ok(em("demo", "--out", str(out), "--short-problems", "4", "--long-problems", "2", *TOY))
+    # two threads, as `make demo` gives it: the parent trains on 2 local gloo ranks of one thread each
+    lines = ok(em("demo", "--out", str(out), "--short-problems", "4", "--long-problems", "2", *TOY, threads=2))
     assert lines[-1] == f"report: {out}/report.md, {out}/report.json, {out}/quality_vs_params.png"
     for name in ("report.md", "report.json", "quality_vs_params.png"):
         assert (out / name).stat().st_size > 0
@@ -250,7 +251,10 @@ def test_demo_writes_a_nested_evaluated_family(tmp_path):
                                                                 "elastic_s", "slice_eval_s", "export_s", "serve_s"}
     assert 0 < saved["parent_median_step_s"] < saved["timings_s"]["parent_s"]  # the box's speed, from the metrics
     # the console script's demo ran with spinning OpenMP threads (unless this environment chose a policy)
-    assert saved["cpu_threads"] == {"threads": 1, "wait_policy": os.environ.get("OMP_WAIT_POLICY", "ACTIVE")}
+    assert saved["cpu_threads"] == {"threads": 2, "wait_policy": os.environ.get("OMP_WAIT_POLICY", "ACTIVE"),
+                                    "parent_ranks": 2}
+    assert any(x.startswith("[demo] 1/6 training the parent") and x.endswith("(on 2 local gloo ranks, 1 thread(s) "
+                                                                           "each)") for x in lines), lines
     # the parent's length curriculum: short problems, then the 2-6-step mix at 256 tokens
     from elastic_megatron.config import load_config
 
