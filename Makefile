@@ -5,6 +5,8 @@
 # 0.85x the sliced stage's step on an idle box, the parent's unchanged; cli._demo_thread_policy). Sharing the
 # 2 cores with another busy process? Add OMP_WAIT_POLICY=PASSIVE (threads sleep instead of spinning):
 # measured 1.04 vs 2.30 s per parent step then with libgomp's default, but 0.83 vs 0.53 s on an idle box.
+# With 2+ threads the demo trains its parent on one gloo rank per core (torchrun, the same run bit for bit;
+# elastic_megatron/local_ranks.py); OMP_NUM_THREADS=1 keeps it in one process.
 PY ?= python3
 PIP := $(PY) -m pip
 STAMP := .venv-installed
