@@ -45,36 +45,44 @@ def run_on_local_ranks(command: str, cfg: RunConfig, ranks: int, threads: int) -
     """`elastic-megatron COMMAND --config <cfg as YAML>` on `ranks` local processes of `threads`
     OpenMP threads each (torchrun --standalone: a free port, this machine only); their output is
     ours. Stopping it loses nothing, as for the job run in this process: SIGTERM / SIGUSR1 / Ctrl-C
-    here reach every rank once (torchrun passes its SIGTERM on), the ranks checkpoint the step they
-    finish and stop, and this raises `Preempted` (KeyboardInterrupt for Ctrl-C); a second Ctrl-C stops
-    them at once. torchrun runs in a session of its own so that a terminal's Ctrl-C, which goes to
-    the whole foreground group, reaches the ranks through it only, not twice. A rank that fails
-    raises ConfigError with torchrun's exit status (the rank's error is printed above it)."""
+    here become one SIGTERM for torchrun, which passes it to every rank; the ranks checkpoint the
+    step they finish and stop, and this raises `Preempted` (KeyboardInterrupt for Ctrl-C). A second
+    Ctrl-C kills torchrun and the ranks at once (complete checkpoints stay). torchrun runs in a
+    session of its own, out of the terminal's foreground group, so that only this process decides
+    what it gets: SIGUSR1 (SLURM's `--signal=USR1@T`) would end torchrun, which does not handle it,
+    and leave the ranks running in the sessions torchrun starts them in. A rank that fails raises
+    ConfigError with torchrun's exit status (the rank's error is printed above it)."""
     from .config import ConfigError
     from .train.checkpoint import latest_checkpoint
     from .train.preemption import SIGNALS, Preempted
 
-    with tempfile.TemporaryDirectory(prefix="elastic_megatron_ranks_") as tmp:
-        path = Path(tmp) / "config.yaml"
-        path.write_text(to_yaml(cfg))
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}",
-               "-m", "elastic_megatron.cli", command, "--config", str(path)]
-        proc = subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": str(threads)}, start_new_session=True)
-        got: list[int] = []
+    got: list[int] = []
+    proc: subprocess.Popen | None = None
 
-        def forward(signum, frame):
-            if signum == signal.SIGINT and got == [signal.SIGINT]:
-                os.killpg(proc.pid, signal.SIGKILL)  # Ctrl-C twice: now (complete checkpoints stay)
-            elif not got:
-                proc.send_signal(signal.SIGTERM)  # torchrun handles SIGTERM (not USR1) and passes it on
-            got.append(signum)
+    def forward(signum, frame):
+        got.append(signum)
+        if proc is None:
+            return  # not started yet: it gets the SIGTERM as soon as it is
+        if got[:2] == [signal.SIGINT, signal.SIGINT]:
+            _kill_now(proc)
+        elif len(got) == 1:
+            proc.send_signal(signal.SIGTERM)
 
-        previous = {s: signal.signal(s, forward) for s in SIGNALS}
-        try:
+    previous = {s: signal.signal(s, forward) for s in SIGNALS}
+    try:
+        with tempfile.TemporaryDirectory(prefix="elastic_megatron_ranks_") as tmp:
+            path = Path(tmp) / "config.yaml"
+            path.write_text(to_yaml(cfg))
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}",
+                   "-m", "elastic_megatron.cli", command, "--config", str(path)]
+            proc = subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": str(threads)},
+                                    start_new_session=True)
+            if got:
+                proc.send_signal(signal.SIGTERM)
             code = proc.wait()
-        finally:
-            for s, handler in previous.items():
-                signal.signal(s, handler)
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
     if got:
         if got[0] == signal.SIGINT:
             raise KeyboardInterrupt
@@ -83,3 +91,16 @@ def run_on_local_ranks(command: str, cfg: RunConfig, ranks: int, threads: int) -
     if code:
         raise ConfigError(f"`elastic-megatron {command}` on {ranks} local ranks failed with exit status {code} "
                           "(its error is above)")
+
+
+def _kill_now(proc: subprocess.Popen) -> None:
+    """SIGKILL to torchrun and its ranks (its children, each in a session of its own)."""
+    try:
+        children = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+    except OSError:  # no pgrep: torchrun only
+        children = []
+    for pid in [*map(int, children), proc.pid]:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass

@@ -61,15 +61,17 @@ print("finished", flush=True)
 """
 
 
-@pytest.mark.parametrize("sig, code", [(signal.SIGUSR1, 138), (signal.SIGINT, 130)])
-def test_a_signal_stops_the_ranks_at_a_checkpoint(tmp_path, sig, code):
+@pytest.mark.parametrize("sig, code, times", [(signal.SIGUSR1, 138, 1), (signal.SIGINT, 130, 1), (signal.SIGINT, 130, 2)])
+def test_a_signal_stops_the_ranks_at_a_checkpoint(tmp_path, sig, code, times):
     """SLURM's warning signal (`--signal=USR1@T`, which torchrun does not handle: it reaches torchrun
-    as SIGTERM, as SLURM's SIGTERM does) or a terminal's Ctrl-C (sent to the whole foreground group,
-    which torchrun would pass on a second time): the ranks save the step they finish, and the
-    caller learns it was stopped."""
+    as SIGTERM, as SLURM's SIGTERM does) or a terminal's Ctrl-C (sent to the foreground group, as a
+    terminal does): the ranks save the step they finish, and the caller learns it was stopped.
+    Ctrl-C twice: torchrun and the ranks end at once, none left running."""
     out = tmp_path / "run"
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen([sys.executable, "-c", SCRIPT, *TINY, "train.steps=500", f"logging.out_dir={out}"],
+    # twice: steps of ~1 s (512 tokens), so that "at once" (no checkpoint) differs from "at the next step"
+    seq = ["data.seq_length=512"] if times == 2 else []
+    proc = subprocess.Popen([sys.executable, "-c", SCRIPT, *TINY, *seq, "train.steps=500", f"logging.out_dir={out}"],
                             cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
     metrics = out / "metrics.jsonl"
@@ -77,9 +79,15 @@ def test_a_signal_stops_the_ranks_at_a_checkpoint(tmp_path, sig, code):
     while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
         assert proc.poll() is None and time.time() < deadline, proc.communicate()
         time.sleep(0.2)
-    os.killpg(proc.pid, sig)  # the caller's group: torchrun and its ranks run in a session of their own
+    for _ in range(times):
+        os.killpg(proc.pid, sig)  # the caller's group: torchrun and its ranks run in sessions of their own
+        time.sleep(0.05)
     stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == code, stdout + stderr[-4000:]
+    assert _ranks_gone(), "ranks left running"
+    if times == 2:
+        assert stdout.strip() == "interrupted" and not (out / "checkpoints" / "latest").exists()
+        return
     latest = (out / "checkpoints" / "latest").read_text().strip()
     step = int(latest.split("_")[-1])
     assert 2 <= step < 500  # saved at a step boundary after the signal, long before the end
@@ -88,9 +96,17 @@ def test_a_signal_stops_the_ranks_at_a_checkpoint(tmp_path, sig, code):
         assert stdout.strip() == "interrupted"
     else:
         assert stdout.strip() == f"preempted {int(sig)} {step} {out / 'checkpoints' / latest}"
-    # torchrun and both ranks are gone (their command lines name the config's temporary directory)
-    left = subprocess.run(["pgrep", "-f", "elastic_megatron_ranks_"], capture_output=True, text=True).stdout.split()
-    assert left == [], "ranks left running"
+
+
+def _ranks_gone(wait_s: float = 10.0) -> bool:
+    """No process left whose command line names a ranks run's config directory (killed ones may take
+    a moment to go)."""
+    deadline = time.time() + wait_s
+    while subprocess.run(["pgrep", "-f", "elastic_megatron_ranks_"], capture_output=True).returncode == 0:
+        if time.time() > deadline:
+            return False
+        time.sleep(0.2)
+    return True
 
 
 def test_a_failing_rank_is_one_error(tmp_path):
