@@ -86,8 +86,8 @@ def long_context_config(cfg: RunConfig, out: Path, load: str) -> RunConfig:
 def run_demo(out_dir: str, overrides: list[str] | None = None, n_short: int = 256, n_long: int = 64) -> dict:
     from .elastic.importance import ImportanceScores
     from .elastic.jobs import importance_job
-    from .train.checkpoint import latest_checkpoint
     from .local_ranks import local_ranks
+    from .train.checkpoint import latest_checkpoint
     from .train.elastic_loop import elastic_train
 
     t0, out = time.time(), Path(out_dir)
@@ -97,8 +97,9 @@ def run_demo(out_dir: str, overrides: list[str] | None = None, n_short: int = 25
     # 1. parent: short problems, then a length curriculum (DIR/parent_short -> DIR/parent)
     short_cfg = replace(cfg, logging=replace(cfg.logging, out_dir=str(out / "parent_short")))
     long_cfg = long_context_config(cfg, out / "parent", "")  # starts from phase 1's checkpoint, set below
-    ranks = local_ranks(cfg, torch.get_num_threads())  # both phases have the same batch shape
-    ranks_note = f" (on {ranks} local gloo ranks, {torch.get_num_threads() // ranks} thread(s) each)" if ranks > 1 else ""
+    threads = torch.get_num_threads()
+    ranks = local_ranks(cfg, threads)  # both phases have the same batch shape
+    ranks_note = f" (on {ranks} local gloo ranks, {threads // ranks} thread(s) each)" if ranks > 1 else ""
     if _finished(long_cfg):
         _say(f"1/6 reusing the trained parent in {out / 'parent'}")
     else:
@@ -106,11 +107,11 @@ def run_demo(out_dir: str, overrides: list[str] | None = None, n_short: int = 25
             _say(f"1/6 reusing the short-trained parent in {out / 'parent_short'}")
         else:
             _say(f"1/6 training the parent: {cfg.train.steps} steps on short problems{ranks_note}")
-            _train_parent(short_cfg, ranks)
+            _train_parent(short_cfg, ranks, threads // ranks)
         _say(f"  then {long_cfg.train.steps} steps on a {SHORT_STEPS[0]}-{LONG_STEPS[1]}-step mix at "
              f"{long_cfg.data.seq_length} tokens (length curriculum)")
         _train_parent(replace(long_cfg, checkpoint=replace(long_cfg.checkpoint, load=str(
-            latest_checkpoint(out / "parent_short" / "checkpoints")))), ranks)
+            latest_checkpoint(out / "parent_short" / "checkpoints")))), ranks, threads // ranks)
     timings["parent_s"] = time.time() - t0
     parent_eval = evaluate_model(str(out / "parent"), n_short, n_long, cfg.train.seed)
     _say(f"  parent: held-out loss {parent_eval['heldout_loss']:.3f}, accuracy short "
@@ -168,7 +169,7 @@ def run_demo(out_dir: str, overrides: list[str] | None = None, n_short: int = 25
     report = {"budgets": rows, "parent_before_elastic": parent_eval, "homogeneous_baseline": baseline,
               "timings_s": {k: round(v, 1) for k, v in timings.items()},
               "total_s": round(time.time() - t0, 1), "parent_median_step_s": _median_step(out / "parent_short"),
-              "cpu_threads": {"threads": torch.get_num_threads(), "wait_policy": os.environ.get("OMP_WAIT_POLICY", ""),
+              "cpu_threads": {"threads": threads, "wait_policy": os.environ.get("OMP_WAIT_POLICY", ""),
                               "parent_ranks": ranks},
               "nested": _nested(rows), "chance_accuracy": "~0 (exact match)", "hf_export": hf, "serving": serving}
     _write_report(out, report)
@@ -176,18 +177,18 @@ def run_demo(out_dir: str, overrides: list[str] | None = None, n_short: int = 25
     return report
 
 
-def _train_parent(cfg: RunConfig, ranks: int) -> None:
-    """One phase of the parent's training, here or on `ranks` local gloo ranks of an equal share of
-    this process's threads: on the idle 2-core box 2 ranks took 0.96x (short phase) and 0.92x (long
-    phase) the step of 2 spinning threads, with the same losses bit for bit (local_ranks.py). The elastic stages stay in this process: their sliced
-    GEMMs accumulate gradients in another order on ranks, and the family is measured as it is."""
+def _train_parent(cfg: RunConfig, ranks: int, threads_per_rank: int) -> None:
+    """One phase of the parent's training, here or on `ranks` local gloo ranks: on the idle 2-core
+    box 2 ranks took 0.96x (short phase) and 0.92x (long phase) the step of 2 spinning threads, with
+    the same losses bit for bit (local_ranks.py). The elastic stages stay in this process: their
+    sliced GEMMs accumulate gradients in another order on ranks, and the family is measured as it is."""
     from .local_ranks import run_on_local_ranks
     from .train.loop import train
 
     if ranks == 1:
         train(cfg)
     else:
-        run_on_local_ranks("train", cfg, ranks, max(1, torch.get_num_threads() // ranks))
+        run_on_local_ranks("train", cfg, ranks, threads_per_rank)
 
 
 def _serving(cfg: RunConfig, checkpoint: str, n_long: int, seed: int) -> dict:
@@ -371,7 +372,8 @@ def _write_report(out: Path, report: dict) -> None:
               "", f"Nested (checked in code): {report['nested']}.",
               f"Wall time: {report['total_s']:.0f} s ({report['timings_s']}); the parent's median step took "
               f"{report['parent_median_step_s']:.3f} s (this box's speed: compare two runs' times by it), "
-              f"{report['cpu_threads']['threads']} threads, OMP_WAIT_POLICY={report['cpu_threads']['wait_policy'] or 'unset'}.", "",
+              f"{report['cpu_threads']['threads']} threads, OMP_WAIT_POLICY={report['cpu_threads']['wait_policy'] or 'unset'}, "
+              f"{report['cpu_threads']['parent_ranks']} local rank(s) for the parent's training.", "",
               "![quality vs parameters](quality_vs_params.png)", ""]
     hf = report.get("hf_export")
     if hf:

@@ -53,7 +53,7 @@ def run_on_local_ranks(command: str, cfg: RunConfig, ranks: int, threads: int) -
     and leave the ranks running in the sessions torchrun starts them in. A rank that fails raises
     ConfigError with torchrun's exit status (the rank's error is printed above it)."""
     from .config import ConfigError
-    from .train.checkpoint import latest_checkpoint
+    from .train.checkpoint import latest_checkpoint, loop_state
     from .train.preemption import SIGNALS, Preempted
 
     got: list[int] = []
@@ -87,7 +87,7 @@ def run_on_local_ranks(command: str, cfg: RunConfig, ranks: int, threads: int) -
         if got[0] == signal.SIGINT:
             raise KeyboardInterrupt
         ckpt = latest_checkpoint(Path(cfg.checkpoint.dir or Path(cfg.logging.out_dir) / "checkpoints"))
-        raise Preempted(got[0], int(ckpt.name.split("_")[-1]) if ckpt else 0, str(ckpt or "none"))
+        raise Preempted(got[0], int(loop_state(ckpt).get("step", 0)) if ckpt else 0, str(ckpt or "none"))
     if code:
         raise ConfigError(f"`elastic-megatron {command}` on {ranks} local ranks failed with exit status {code} "
                           "(its error is above)")
@@ -95,12 +95,25 @@ def run_on_local_ranks(command: str, cfg: RunConfig, ranks: int, threads: int) -
 
 def _kill_now(proc: subprocess.Popen) -> None:
     """SIGKILL to torchrun and its ranks (its children, each in a session of its own)."""
-    try:
-        children = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
-    except OSError:  # no pgrep: torchrun only
-        children = []
-    for pid in [*map(int, children), proc.pid]:
+    for pid in [*_children(proc.pid), proc.pid]:
         try:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+
+
+def _children(pid: int) -> list[int]:
+    """The pids whose parent is `pid`: from /proc on Linux (no procps needed), else `pgrep -P`."""
+    if Path("/proc/self/stat").exists():
+        found = []
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:  # "pid (comm) state ppid ...": comm may hold spaces, so split after its ')'
+                if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                    found.append(int(stat.parent.name))
+            except (OSError, IndexError, ValueError):
+                pass  # ended meanwhile
+        return found
+    try:
+        return [int(p) for p in subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()]
+    except OSError:
+        return []

@@ -100,9 +100,18 @@ def test_a_signal_stops_the_ranks_at_a_checkpoint(tmp_path, sig, code, times):
 
 def _ranks_gone(wait_s: float = 10.0) -> bool:
     """No process left whose command line names a ranks run's config directory (killed ones may take
-    a moment to go)."""
+    a moment to go). Read from /proc: CI's image need not have procps."""
+    def running() -> bool:
+        for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+            try:
+                if b"elastic_megatron_ranks_" in cmdline.read_bytes():
+                    return True
+            except OSError:
+                pass
+        return False
+
     deadline = time.time() + wait_s
-    while subprocess.run(["pgrep", "-f", "elastic_megatron_ranks_"], capture_output=True).returncode == 0:
+    while running():
         if time.time() > deadline:
             return False
         time.sleep(0.2)

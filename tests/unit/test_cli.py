@@ -253,6 +253,7 @@ def test_demo_writes_a_nested_evaluated_family(tmp_path):
     # the console script's demo ran with spinning OpenMP threads (unless this environment chose a policy)
     assert saved["cpu_threads"] == {"threads": 2, "wait_policy": os.environ.get("OMP_WAIT_POLICY", "ACTIVE"),
                                     "parent_ranks": 2}
+    assert "2 local rank(s) for the parent's training" in (out / "report.md").read_text()
     assert any(x.startswith("[demo] 1/6 training the parent") and x.endswith("(on 2 local gloo ranks, 1 thread(s) "
                                                                            "each)") for x in lines), lines
     # the parent's length curriculum: short problems, then the 2-6-step mix at 256 tokens
@@ -483,8 +484,6 @@ def test_import_export_generate_through_the_console_script(tmp_path):
     cfg = resolve_export_config(None, str(tmp_path / "run"), ["model.backend=local"])
     assert ok(hf)[-1] == prompt + generate_elastic(cfg, "1.0", [prompt], max_new=6)[0]
     assert "falling back" not in hf.stderr  # transformers' CPU-only notes hidden
-
-
 
 
 _POLICY_PROBE = """
