@@ -66,8 +66,11 @@ def run_one(out: Path, name: str, run_dir: Path | None = None, overrides: list[s
             if not (run_dir / sub).exists():
                 shutil.copytree(parent_from / sub, run_dir / sub, symlinks=True)
     env = {**os.environ, "OMP_NUM_THREADS": threads}
-    cmd = [sys.executable, "-m", "elastic_megatron.cli", "demo", "--out", str(run_dir), f"train.seed={seed}",
-           *overrides]
+    # --train-parent: the study is of the whole recipe, the parent's training included (the default
+    # seed's demo would otherwise start from the shipped parent, and the one-thread run would be
+    # another rounding of the elastic stages only)
+    cmd = [sys.executable, "-m", "elastic_megatron.cli", "demo", "--out", str(run_dir), "--train-parent",
+           f"train.seed={seed}", *overrides]
     tic = time.time()
     with open(run_dir.parent / f"{run_dir.name}.log", "w") as log:
         subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, check=True)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import statistics
 import time
 from dataclasses import replace
@@ -28,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from . import demo_parent
 from .compat import native
 from .config import RunConfig, load_config
 
@@ -83,11 +85,14 @@ def long_context_config(cfg: RunConfig, out: Path, load: str) -> RunConfig:
                                  warmup_steps=min(10, t.warmup_steps), eval_interval=0))
 
 
-def run_demo(out_dir: str, overrides: list[str] | None = None, n_short: int = 256, n_long: int = 64) -> dict:
+def run_demo(out_dir: str, overrides: list[str] | None = None, n_short: int = 256, n_long: int = 64,
+             train_parent: bool = False) -> dict:
+    """The demo into out_dir. The parent comes from a finished parent run already in out_dir, else
+    from the shipped weights when the parent recipe is theirs (demo_parent.py), else it is trained;
+    `train_parent` trains it even then."""
     from .elastic.importance import ImportanceScores
     from .elastic.jobs import importance_job
     from .local_ranks import local_ranks
-    from .train.checkpoint import latest_checkpoint
     from .train.elastic_loop import elastic_train
 
     t0, out = time.time(), Path(out_dir)
@@ -95,23 +100,21 @@ def run_demo(out_dir: str, overrides: list[str] | None = None, n_short: int = 25
     timings = {}
 
     # 1. parent: short problems, then a length curriculum (DIR/parent_short -> DIR/parent)
-    short_cfg = replace(cfg, logging=replace(cfg.logging, out_dir=str(out / "parent_short")))
-    long_cfg = long_context_config(cfg, out / "parent", "")  # starts from phase 1's checkpoint, set below
+    short_cfg, long_cfg = parent_configs(cfg, out)
     threads = torch.get_num_threads()
     ranks = local_ranks(cfg, threads)  # both phases have the same batch shape
     ranks_note = f" (on {ranks} local gloo ranks, {threads // ranks} thread(s) each)" if ranks > 1 else ""
-    if _finished(long_cfg):
+    parent_source = parent_plan(short_cfg, long_cfg, train_parent)
+    if parent_source.startswith("reused"):
         _say(f"1/6 reusing the trained parent in {out / 'parent'}")
+    elif parent_source == "shipped":
+        _say(f"1/6 the parent: the shipped one, trained by this recipe ({demo_parent.ASSET}); "
+             f"--train-parent trains it here ({cfg.train.steps} + {long_cfg.train.steps} steps{ranks_note})")
+        demo_parent.install(long_cfg)
     else:
-        if _finished(short_cfg):
-            _say(f"1/6 reusing the short-trained parent in {out / 'parent_short'}")
-        else:
-            _say(f"1/6 training the parent: {cfg.train.steps} steps on short problems{ranks_note}")
-            _train_parent(short_cfg, ranks, threads // ranks)
-        _say(f"  then {long_cfg.train.steps} steps on a {SHORT_STEPS[0]}-{LONG_STEPS[1]}-step mix at "
-             f"{long_cfg.data.seq_length} tokens (length curriculum)")
-        _train_parent(replace(long_cfg, checkpoint=replace(long_cfg.checkpoint, load=str(
-            latest_checkpoint(out / "parent_short" / "checkpoints")))), ranks, threads // ranks)
+        if (out / "parent" / "shipped.json").exists():  # --train-parent over an installed shipped parent
+            shutil.rmtree(out / "parent")
+        train_parent_phases(short_cfg, long_cfg, ranks, threads // ranks, ranks_note)
     timings["parent_s"] = time.time() - t0
     parent_eval = evaluate_model(str(out / "parent"), n_short, n_long, cfg.train.seed)
     _say(f"  parent: held-out loss {parent_eval['heldout_loss']:.3f}, accuracy short "
@@ -168,13 +171,51 @@ def run_demo(out_dir: str, overrides: list[str] | None = None, n_short: int = 25
     timings["serve_s"] = time.time() - t0 - sum(timings.values())
     report = {"budgets": rows, "parent_before_elastic": parent_eval, "homogeneous_baseline": baseline,
               "timings_s": {k: round(v, 1) for k, v in timings.items()},
-              "total_s": round(time.time() - t0, 1), "parent_median_step_s": _median_step(out / "parent_short"),
+              "total_s": round(time.time() - t0, 1), "parent": parent_source,
+              "parent_median_step_s": _median_step(out / "parent_short"),
+              "elastic_median_step_s": _median_step(out / "elastic"),
               "cpu_threads": {"threads": threads, "wait_policy": os.environ.get("OMP_WAIT_POLICY", ""),
                               "parent_ranks": ranks},
               "nested": _nested(rows), "chance_accuracy": "~0 (exact match)", "hf_export": hf, "serving": serving}
     _write_report(out, report)
     _say(f"done in {report['total_s']:.0f} s: {out / 'report.md'}")
     return report
+
+
+def parent_configs(cfg: RunConfig, out: Path) -> tuple[RunConfig, RunConfig]:
+    """The parent's two training phases for the demo config `cfg`: DIR/parent_short, DIR/parent
+    (the second starts from the first's checkpoint, set when it runs)."""
+    short_cfg = replace(cfg, logging=replace(cfg.logging, out_dir=str(out / "parent_short")))
+    return short_cfg, long_context_config(cfg, out / "parent", "")
+
+
+def parent_plan(short_cfg: RunConfig, long_cfg: RunConfig, train_parent: bool) -> str:
+    """Where the demo's parent comes from: "reused" (a finished parent run in DIR/parent; "reused,
+    shipped" if that one was the shipped parent), "shipped" (demo_parent.py: the recipe is the
+    shipped weights' own and `train_parent` is off) or "trained" (here, now)."""
+    shipped_here = (Path(long_cfg.logging.out_dir) / "shipped.json").exists()
+    if _finished(long_cfg) and not (train_parent and shipped_here):
+        return "reused, shipped" if shipped_here else "reused"
+    if not train_parent and demo_parent.shipped_for(short_cfg, long_cfg):
+        return "shipped"
+    return "trained"
+
+
+def train_parent_phases(short_cfg: RunConfig, long_cfg: RunConfig, ranks: int, threads_per_rank: int,
+                        note: str = "") -> None:
+    """Train (or finish) the parent's two phases; a phase already run to its end is kept."""
+    from .train.checkpoint import latest_checkpoint
+
+    out_short = Path(short_cfg.logging.out_dir)
+    if _finished(short_cfg):
+        _say(f"1/6 reusing the short-trained parent in {out_short}")
+    else:
+        _say(f"1/6 training the parent: {short_cfg.train.steps} steps on short problems{note}")
+        _train_parent(short_cfg, ranks, threads_per_rank)
+    _say(f"  then {long_cfg.train.steps} steps on a {SHORT_STEPS[0]}-{LONG_STEPS[1]}-step mix at "
+         f"{long_cfg.data.seq_length} tokens (length curriculum)")
+    _train_parent(replace(long_cfg, checkpoint=replace(long_cfg.checkpoint, load=str(
+        latest_checkpoint(out_short / "checkpoints")))), ranks, threads_per_rank)
 
 
 def _train_parent(cfg: RunConfig, ranks: int, threads_per_rank: int) -> None:
@@ -212,24 +253,21 @@ def _median_step(run: Path) -> float:
 
 
 def _finished(cfg: RunConfig) -> bool:
-    """Whether the run directory of `cfg` holds this run trained to the end. A directory holding
-    another run (other data or steps: e.g. left by an older demo) is an error, not something to
-    resume from or to overwrite."""
+    """Whether the run directory of `cfg` holds this training phase run to its last step. A directory
+    holding another run (any model, data, train or parallel field differs: e.g. left by an older
+    demo, or by one with another seed) is an error, not something to resume from or to overwrite."""
     from .config import ConfigError
-    from .train.checkpoint import latest_checkpoint
+    from .train.checkpoint import latest_checkpoint, loop_state
 
     run = Path(cfg.logging.out_dir)
     if not (run / "config.yaml").exists():
         return False
     saved = load_config(str(run / "config.yaml"))
-    if (saved.data, saved.train.steps) != (cfg.data, cfg.train.steps):
-        raise ConfigError(f"{run} holds another run (its data or train.steps differ from this demo's): "
-                          "remove it or pick another --out")
-    if not latest_checkpoint(run / "checkpoints"):
-        return False
-    steps = [json.loads(line).get("step") for line in (run / "metrics.jsonl").read_text().splitlines()] \
-        if (run / "metrics.jsonl").exists() else []
-    return cfg.train.steps in steps
+    if demo_parent.phase_recipe(saved) != demo_parent.phase_recipe(cfg):
+        raise ConfigError(f"{run} holds another run (its model, data, train or parallel config differs from this "
+                          "demo's): remove it or pick another --out")
+    ckpt = latest_checkpoint(run / "checkpoints")
+    return ckpt is not None and loop_state(ckpt).get("step") == cfg.train.steps
 
 
 def _slice_family(cfg: RunConfig, result, models_dir: Path) -> list[dict]:
@@ -370,8 +408,10 @@ def _write_report(out: Path, report: dict) -> None:
               "weighted to the smallest, then the 2-6-step mix. The baseline rows are the sorted parent pruned to a "
               "homogeneous architecture of the same size without training (distilled: docs/results.md, ablation a).",
               "", f"Nested (checked in code): {report['nested']}.",
-              f"Wall time: {report['total_s']:.0f} s ({report['timings_s']}); the parent's median step took "
-              f"{report['parent_median_step_s']:.3f} s (this box's speed: compare two runs' times by it), "
+              f"Wall time: {report['total_s']:.0f} s ({report['timings_s']}); the parent: {report['parent']}; "
+              f"median step of the parent's training {report['parent_median_step_s']:.3f} s (0 if not trained "
+              f"here), of elastic training {report['elastic_median_step_s']:.3f} s (this box's speed: compare "
+              "two runs' times by them), "
               f"{report['cpu_threads']['threads']} threads, OMP_WAIT_POLICY={report['cpu_threads']['wait_policy'] or 'unset'}, "
               f"{report['cpu_threads']['parent_ranks']} local rank(s) for the parent's training.", "",
               "![quality vs parameters](quality_vs_params.png)", ""]

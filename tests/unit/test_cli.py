@@ -250,6 +250,8 @@ def test_demo_writes_a_nested_evaluated_family(tmp_path):
     assert saved["total_s"] > 0 and set(saved["timings_s"]) == {"parent_s", "parent_eval_s", "importance_s",
                                                                 "elastic_s", "slice_eval_s", "export_s", "serve_s"}
     assert 0 < saved["parent_median_step_s"] < saved["timings_s"]["parent_s"]  # the box's speed, from the metrics
+    assert 0 < saved["elastic_median_step_s"] < saved["timings_s"]["elastic_s"]
+    assert saved["parent"] == "trained"  # the toy overrides are not the shipped parent's recipe
     # the console script's demo ran with spinning OpenMP threads (unless this environment chose a policy)
     assert saved["cpu_threads"] == {"threads": 2, "wait_policy": os.environ.get("OMP_WAIT_POLICY", "ACTIVE"),
                                     "parent_ranks": 2}
@@ -297,8 +299,8 @@ def test_demo_refuses_a_parent_directory_of_another_run(tmp_path):
     (out / "parent" / "config.yaml").write_text(to_yaml(stale))
     r = em("demo", "--out", str(out), *TOY)
     assert r.returncode == 2 and r.stderr.strip().splitlines() == [
-        f"elastic-megatron: error: {out / 'parent'} holds another run (its data or train.steps differ from this "
-        "demo's): remove it or pick another --out"], r.stderr
+        f"elastic-megatron: error: {out / 'parent'} holds another run (its model, data, train or parallel config "
+        "differs from this demo's): remove it or pick another --out"], r.stderr
     assert sorted(p.name for p in out.iterdir()) == ["parent"]  # nothing trained, nothing written
 
 
