@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -83,6 +84,8 @@ def main() -> int:
         meta = demo_parent.write_asset(short_cfg, long_cfg, trained, loss)
         summary["written"] = {"dir": str(demo_parent.ASSET), "files": len(meta["sha256"]),
                               "bytes": sum(f.stat().st_size for f in (demo_parent.ASSET / "checkpoint").rglob("*"))}
+    if not a.src:  # the parent trained here, ~30 MB with its optimizer state
+        shutil.rmtree(work, ignore_errors=True)
     print(json.dumps(summary))
     return 0 if summary.get("check", "same") == "same" else 1
 

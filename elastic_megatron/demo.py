@@ -2,8 +2,10 @@
 
     elastic-megatron demo --out demo_out
 
-1. train the parent on the synthetic reasoning corpus: short problems (DIR/parent_short), then a
-   length curriculum on a 2-6-step mix at 256 tokens (DIR/parent); each reused if already trained
+1. the parent, trained on the synthetic reasoning corpus: short problems (DIR/parent_short), then a
+   length curriculum on a 2-6-step mix at 256 tokens (DIR/parent); each reused if already trained.
+   For the demo's own recipe the package ships those weights (demo_parent.py) and the demo starts
+   from them, as users start from a released parent; --train-parent trains it here
 2. importance estimation and sorting (every budget becomes a prefix)
 3. elastic training: router + frozen-teacher KD, stage 0 (short, uniform budgets, the router
    learns), stage 1 (short, the deployed family weighted to the smallest, router frozen), stage 2
@@ -109,7 +111,7 @@ def run_demo(out_dir: str, overrides: list[str] | None = None, n_short: int = 25
         _say(f"1/6 reusing the trained parent in {out / 'parent'}")
     elif parent_source == "shipped":
         _say(f"1/6 the parent: the shipped one, trained by this recipe ({demo_parent.ASSET}); "
-             f"--train-parent trains it here ({cfg.train.steps} + {long_cfg.train.steps} steps{ranks_note})")
+             f"--train-parent trains it here ({cfg.train.steps} + {long_cfg.train.steps} steps)")
         demo_parent.install(long_cfg)
     else:
         if (out / "parent" / "shipped.json").exists():  # --train-parent over an installed shipped parent
@@ -175,7 +177,7 @@ def run_demo(out_dir: str, overrides: list[str] | None = None, n_short: int = 25
               "parent_median_step_s": _median_step(out / "parent_short"),
               "elastic_median_step_s": _median_step(out / "elastic"),
               "cpu_threads": {"threads": threads, "wait_policy": os.environ.get("OMP_WAIT_POLICY", ""),
-                              "parent_ranks": ranks},
+                              "parent_ranks": ranks if parent_source == "trained" else 0},
               "nested": _nested(rows), "chance_accuracy": "~0 (exact match)", "hf_export": hf, "serving": serving}
     _write_report(out, report)
     _say(f"done in {report['total_s']:.0f} s: {out / 'report.md'}")
@@ -413,7 +415,8 @@ def _write_report(out: Path, report: dict) -> None:
               f"here), of elastic training {report['elastic_median_step_s']:.3f} s (this box's speed: compare "
               "two runs' times by them), "
               f"{report['cpu_threads']['threads']} threads, OMP_WAIT_POLICY={report['cpu_threads']['wait_policy'] or 'unset'}, "
-              f"{report['cpu_threads']['parent_ranks']} local rank(s) for the parent's training.", "",
+              + (f"{report['cpu_threads']['parent_ranks']} local rank(s) for the parent's training."
+               if report['cpu_threads']['parent_ranks'] else "the parent not trained here."), "",
               "![quality vs parameters](quality_vs_params.png)", ""]
     hf = report.get("hf_export")
     if hf:

@@ -1,7 +1,7 @@
 """The demo's parent, shipped trained: the demo starts from it as users start from a released parent.
 
 `elastic-megatron demo` needs a trained parent before the method has anything to do. Training the
-tiny one (500 short-problem steps, then 150 at 256 tokens) takes 6-7 of the demo's ~10-12 minutes
+tiny one (500 short-problem steps, then 150 at 256 tokens) took 6-8 of the demo's 10-12.5 minutes
 on a 2-core CPU, and the family needs all of those steps (fewer cost it 0.03-0.12 short accuracy,
 docs/results.md). So the package ships those weights, the way the real recipe starts from
 NVIDIA-Nemotron-Nano-12B-v2 instead of pre-training it:

@@ -289,6 +289,23 @@ def test_demo_writes_a_nested_evaluated_family(tmp_path):
     assert hf["same_as_ours"] is True and hf["prompt"] in (out / "report.md").read_text()
 
 
+def test_demo_starts_from_the_shipped_parent(tmp_path):
+    """The demo's own parent recipe (only the stages after the parent shortened) starts from the
+    shipped parent: no parent training, and the parent evaluates as the trained one did."""
+    from elastic_megatron import demo_parent
+
+    out = tmp_path / "demo"
+    after_parent = [o for o in TOY if not o.startswith("train.")] + ["elastic.deploy_candidates=1"]  # no search
+    lines = ok(em("demo", "--out", str(out), "--short-problems", "4", "--long-problems", "2", *after_parent,
+                  threads=2))
+    assert any(x.startswith("[demo] 1/6 the parent: the shipped one") for x in lines), lines
+    saved = json.loads((out / "report.json").read_text())
+    assert saved["parent"] == "shipped" and saved["cpu_threads"]["parent_ranks"] == 0
+    assert saved["parent_median_step_s"] == 0.0 and not (out / "parent_short").exists()
+    assert saved["parent_before_elastic"]["heldout_loss"] == demo_parent.shipped_recipe()["heldout_loss"]
+    assert saved["nested"] is True and "the parent not trained here" in (out / "report.md").read_text()
+
+
 def test_demo_refuses_a_parent_directory_of_another_run(tmp_path):
     """An --out left by another demo version (a short-only parent) is not silently reused or resumed."""
     from elastic_megatron.config import load_config, to_yaml
