@@ -29,20 +29,8 @@ from elastic_megatron.train.checkpoint import latest_checkpoint  # noqa: E402
 
 
 def _weights(cfg, ckpt: Path) -> dict[str, torch.Tensor]:
-    from elastic_megatron.data.tokenizer import load_tokenizer
-    from elastic_megatron.model.hybrid import build_model, padded_vocab_size
-    from elastic_megatron.parallel import ParallelLayout, destroy_distributed, init_distributed
-    from elastic_megatron.train.checkpoint import load_checkpoint
-
-    layout = ParallelLayout.resolve(cfg, 1)
-    init_distributed(layout, cfg.train.seed)
-    try:
-        vocab = padded_vocab_size(cfg.model, load_tokenizer(cfg.data.tokenizer).vocab_size, 1)
-        model = build_model(cfg, layout, vocab, torch.float32, initialize=False)
-        load_checkpoint(ckpt, model)
+    with demo_parent.loaded_parent(cfg, ckpt) as model:
         return {k: v.detach().clone() for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
-    finally:
-        destroy_distributed()
 
 
 def main() -> int:

@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
 from .config import RunConfig, to_dict, to_yaml
@@ -86,28 +87,37 @@ def install(long_cfg: RunConfig) -> Path:
     return ckpt
 
 
+@contextmanager
+def loaded_parent(cfg: RunConfig, ckpt: Path):
+    """The parent model of `cfg` (fp32, one process) holding the weights of checkpoint `ckpt`."""
+    import torch
+
+    from .data.tokenizer import load_tokenizer
+    from .model.hybrid import build_model, padded_vocab_size
+    from .parallel import ParallelLayout, destroy_distributed, init_distributed
+    from .train.checkpoint import load_checkpoint
+
+    layout = ParallelLayout.resolve(cfg, 1)
+    init_distributed(layout, cfg.train.seed)
+    try:
+        vocab = padded_vocab_size(cfg.model, load_tokenizer(cfg.data.tokenizer).vocab_size, 1)
+        model = build_model(cfg, layout, vocab, torch.float32, initialize=False)
+        load_checkpoint(ckpt, model)
+        yield model
+    finally:
+        destroy_distributed()
+
+
 def write_asset(short_cfg: RunConfig, long_cfg: RunConfig, trained: Path, heldout_loss: float,
                 dest: Path = ASSET) -> dict:
     """Ship the parent trained in `trained` (the long phase's checkpoint): its weights without the
     optimizer state, and recipe.json. For benchmarks/demo_parent.py --write."""
-    import torch
+    from .train.checkpoint import save_checkpoint
 
-    from .model.hybrid import build_model, padded_vocab_size
-    from .data.tokenizer import load_tokenizer
-    from .parallel import ParallelLayout, destroy_distributed, init_distributed
-    from .train.checkpoint import load_checkpoint, save_checkpoint
-
-    layout = ParallelLayout.resolve(long_cfg, 1)
-    init_distributed(layout, long_cfg.train.seed)
-    try:
-        vocab = padded_vocab_size(long_cfg.model, load_tokenizer(long_cfg.data.tokenizer).vocab_size, 1)
-        model = build_model(long_cfg, layout, vocab, torch.float32, initialize=False)
-        load_checkpoint(trained, model)
-        tmp = dest.parent / (dest.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
+    tmp = dest.parent / (dest.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    with loaded_parent(long_cfg, trained) as model:
         saved = save_checkpoint(tmp, long_cfg.train.steps, model, None, {"step": long_cfg.train.steps})
-    finally:
-        destroy_distributed()
     shutil.rmtree(dest, ignore_errors=True)
     dest.mkdir(parents=True)
     shutil.move(str(saved), dest / "checkpoint")
