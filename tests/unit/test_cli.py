@@ -302,7 +302,8 @@ def test_demo_starts_from_the_shipped_parent(tmp_path):
     saved = json.loads((out / "report.json").read_text())
     assert saved["parent"] == "shipped" and saved["cpu_threads"]["parent_ranks"] == 0
     assert saved["parent_median_step_s"] == 0.0 and not (out / "parent_short").exists()
-    assert saved["parent_before_elastic"]["heldout_loss"] == demo_parent.shipped_recipe()["heldout_loss"]
+    assert saved["parent_before_elastic"]["heldout_loss"] == pytest.approx(  # another CPU may round the last bits
+        demo_parent.shipped_recipe()["heldout_loss"], rel=1e-5)
     assert saved["nested"] is True and "the parent not trained here" in (out / "report.md").read_text()
 
 

@@ -52,7 +52,7 @@ def test_train_parent_trains_it_even_for_its_recipe(tmp_path):
 
 def test_install_lays_out_the_trained_parent(tmp_path):
     """The installed copy is a finished parent run the rest of the demo reads, and it is the parent
-    the demo trained: the same held-out loss to the last bit."""
+    the demo trained: the same held-out loss (to the last bit on the box that trained it)."""
     from elastic_megatron.train.checkpoint import latest_checkpoint, loop_state
 
     short_cfg, long_cfg = _phases(tmp_path)
@@ -61,8 +61,11 @@ def test_install_lays_out_the_trained_parent(tmp_path):
     assert loop_state(ckpt)["step"] == long_cfg.train.steps == 150
     assert demo._finished(long_cfg) and demo.parent_plan(short_cfg, long_cfg, False) == "reused, shipped"
     got = demo.evaluate_model(str(tmp_path / "parent"), 0, 0, long_cfg.train.seed)["heldout_loss"]
-    assert got == demo_parent.shipped_recipe()["heldout_loss"]
-    assert json.loads((tmp_path / "parent" / "shipped.json").read_text())["heldout_loss"] == got
+    # equal here, where it was measured; another CPU's BLAS may round the last bits of the forward
+    # differently. A wrong or half-loaded parent is off by far more (an untrained one: ~4.0)
+    assert got == pytest.approx(demo_parent.shipped_recipe()["heldout_loss"], rel=1e-5)
+    assert json.loads((tmp_path / "parent" / "shipped.json").read_text())["heldout_loss"] == \
+        demo_parent.shipped_recipe()["heldout_loss"]
 
 
 def test_an_altered_shipped_file_is_one_clear_error(tmp_path, monkeypatch):
