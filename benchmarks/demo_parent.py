@@ -45,7 +45,7 @@ def main() -> int:
     work = Path(a.src) if a.src else Path(tempfile.mkdtemp(prefix="demo_parent_"))
     cfg = demo.demo_config(work, a.overrides)
     short_cfg, long_cfg = demo.parent_configs(cfg, work)
-    if not demo._finished(long_cfg):
+    if not demo.phase_finished(long_cfg):
         if a.src:
             p.error(f"{work / 'parent'} is not a finished parent run of the demo's recipe")
         from elastic_megatron.local_ranks import local_ranks

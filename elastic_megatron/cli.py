@@ -222,7 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--short-problems", type=int, default=256, help="held-out short problems per evaluation")
     p.add_argument("--long-problems", type=int, default=64, help="held-out long problems per evaluation")
     p.add_argument("--train-parent", action="store_true",
-                   help="train the parent here (~6-7 min on 2 cores) even where the shipped one, trained by the "
+                   help="train the parent here (~6-8 min on 2 cores) even where the shipped one, trained by the "
                         "same recipe, would do (any override of a model, data or train field trains it anyway)")
     p.add_argument("overrides", nargs="*", help="dotted overrides for the demo config, e.g. train.steps=100")
     p.set_defaults(func=cmd_demo)

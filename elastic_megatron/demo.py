@@ -114,7 +114,7 @@ def run_demo(out_dir: str, overrides: list[str] | None = None, n_short: int = 25
              f"--train-parent trains it here ({cfg.train.steps} + {long_cfg.train.steps} steps)")
         demo_parent.install(long_cfg)
     else:
-        if (out / "parent" / "shipped.json").exists():  # --train-parent over an installed shipped parent
+        if demo_parent.installed(out / "parent"):  # --train-parent over an installed shipped parent
             shutil.rmtree(out / "parent")
         train_parent_phases(short_cfg, long_cfg, ranks, threads // ranks, ranks_note)
     timings["parent_s"] = time.time() - t0
@@ -195,8 +195,8 @@ def parent_plan(short_cfg: RunConfig, long_cfg: RunConfig, train_parent: bool) -
     """Where the demo's parent comes from: "reused" (a finished parent run in DIR/parent; "reused,
     shipped" if that one was the shipped parent), "shipped" (demo_parent.py: the recipe is the
     shipped weights' own and `train_parent` is off) or "trained" (here, now)."""
-    shipped_here = (Path(long_cfg.logging.out_dir) / "shipped.json").exists()
-    if _finished(long_cfg) and not (train_parent and shipped_here):
+    shipped_here = demo_parent.installed(long_cfg.logging.out_dir)
+    if phase_finished(long_cfg) and not (train_parent and shipped_here):
         return "reused, shipped" if shipped_here else "reused"
     if not train_parent and demo_parent.shipped_for(short_cfg, long_cfg):
         return "shipped"
@@ -209,7 +209,7 @@ def train_parent_phases(short_cfg: RunConfig, long_cfg: RunConfig, ranks: int, t
     from .train.checkpoint import latest_checkpoint
 
     out_short = Path(short_cfg.logging.out_dir)
-    if _finished(short_cfg):
+    if phase_finished(short_cfg):
         _say(f"1/6 reusing the short-trained parent in {out_short}")
     else:
         _say(f"1/6 training the parent: {short_cfg.train.steps} steps on short problems{note}")
@@ -254,7 +254,7 @@ def _median_step(run: Path) -> float:
     return round(statistics.median(times), 3) if times else 0.0
 
 
-def _finished(cfg: RunConfig) -> bool:
+def phase_finished(cfg: RunConfig) -> bool:
     """Whether the run directory of `cfg` holds this training phase run to its last step. A directory
     holding another run (any model, data, train or parallel field differs: e.g. left by an older
     demo, or by one with another seed) is an error, not something to resume from or to overwrite."""

@@ -26,6 +26,7 @@ import hashlib
 import json
 import shutil
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 
 from .config import RunConfig, to_dict, to_yaml
@@ -35,6 +36,7 @@ ASSET = Path(__file__).parent / "assets" / "demo_parent"
 # saved, and the short phase's checkpoint the long phase loads) do not; the elastic sections are
 # read only after the parent exists.
 RECIPE_SECTIONS = ("model", "data", "train", "parallel")
+MARKER = "shipped.json"  # in a parent run directory: `install` laid it out
 
 
 def phase_recipe(cfg: RunConfig) -> dict:
@@ -83,27 +85,25 @@ def install(long_cfg: RunConfig) -> Path:
     shutil.copytree(src, ckpt)
     (root / "latest").write_text(ckpt.name)
     (run / "config.yaml").write_text(to_yaml(long_cfg))
-    (run / "shipped.json").write_text(json.dumps({"from": str(ASSET), "heldout_loss": saved["heldout_loss"]}))
+    (run / MARKER).write_text(json.dumps({"from": str(ASSET)}))
     return ckpt
+
+
+def installed(run: str | Path) -> bool:
+    """Whether the parent run directory `run` holds the shipped parent, laid out by `install`."""
+    return (Path(run) / MARKER).exists()
 
 
 @contextmanager
 def loaded_parent(cfg: RunConfig, ckpt: Path):
-    """The parent model of `cfg` (fp32, one process) holding the weights of checkpoint `ckpt`."""
-    import torch
+    """The parent model of `cfg` holding the weights of checkpoint `ckpt`, in fp32 in one process
+    (the jobs' own parent loader, elastic/jobs.py)."""
+    from .elastic.jobs import _parent
+    from .parallel import destroy_distributed
 
-    from .data.tokenizer import load_tokenizer
-    from .model.hybrid import build_model, padded_vocab_size
-    from .parallel import ParallelLayout, destroy_distributed, init_distributed
-    from .train.checkpoint import load_checkpoint
-
-    layout = ParallelLayout.resolve(cfg, 1)
-    init_distributed(layout, cfg.train.seed)
+    fp32 = replace(cfg, train=replace(cfg.train, precision="fp32"), checkpoint=replace(cfg.checkpoint, load=str(ckpt)))
     try:
-        vocab = padded_vocab_size(cfg.model, load_tokenizer(cfg.data.tokenizer).vocab_size, 1)
-        model = build_model(cfg, layout, vocab, torch.float32, initialize=False)
-        load_checkpoint(ckpt, model)
-        yield model
+        yield _parent(fp32, 1)[3]
     finally:
         destroy_distributed()
 

@@ -235,7 +235,9 @@ def test_demo_writes_a_nested_evaluated_family(tmp_path):
 
     out = tmp_path / "demo"
     # two threads, as `make demo` gives it: the parent trains on 2 local gloo ranks of one thread each
-    lines = ok(em("demo", "--out", str(out), "--short-problems", "4", "--long-problems", "2", *TOY, threads=2))
+    # --train-parent: the toy's parent overrides train it anyway; here the console script takes the flag
+    lines = ok(em("demo", "--out", str(out), "--short-problems", "4", "--long-problems", "2", "--train-parent", *TOY,
+                  threads=2))
     assert lines[-1] == f"report: {out}/report.md, {out}/report.json, {out}/quality_vs_params.png"
     for name in ("report.md", "report.json", "quality_vs_params.png"):
         assert (out / name).stat().st_size > 0

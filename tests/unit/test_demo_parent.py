@@ -7,7 +7,6 @@ demo measured on the trained parent, from the installed copy."""
 
 from __future__ import annotations
 
-import json
 import shutil
 
 import pytest
@@ -59,13 +58,12 @@ def test_install_lays_out_the_trained_parent(tmp_path):
     ckpt = demo_parent.install(long_cfg)
     assert latest_checkpoint(tmp_path / "parent" / "checkpoints") == ckpt
     assert loop_state(ckpt)["step"] == long_cfg.train.steps == 150
-    assert demo._finished(long_cfg) and demo.parent_plan(short_cfg, long_cfg, False) == "reused, shipped"
+    assert demo.phase_finished(long_cfg) and demo.parent_plan(short_cfg, long_cfg, False) == "reused, shipped"
     got = demo.evaluate_model(str(tmp_path / "parent"), 0, 0, long_cfg.train.seed)["heldout_loss"]
     # equal here, where it was measured; another CPU's BLAS may round the last bits of the forward
     # differently. A wrong or half-loaded parent is off by far more (an untrained one: ~4.0)
     assert got == pytest.approx(demo_parent.shipped_recipe()["heldout_loss"], rel=1e-5)
-    assert json.loads((tmp_path / "parent" / "shipped.json").read_text())["heldout_loss"] == \
-        demo_parent.shipped_recipe()["heldout_loss"]
+    assert demo_parent.installed(tmp_path / "parent")
 
 
 def test_an_altered_shipped_file_is_one_clear_error(tmp_path, monkeypatch):
